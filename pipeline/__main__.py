@@ -1,0 +1,71 @@
+"""The `dialect-circuits` command: Hydra composes conf/, the runner does the rest.
+
+    dialect-circuits                                  # embedded model, built dataset, every stage
+    dialect-circuits model=gpt2-small stage=patching
+    dialect-circuits -m direction=aae_clean,sae_clean
+    dialect-circuits rerun outputs/2026-11-27/10-00-00
+    dialect-circuits compare multirun/2026-11-27/10-00-00
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from pipeline.errors import PipelineError
+
+CONF_DIR = Path(__file__).parent / "conf"
+GROUPS = ("model", "dataset", "direction", "metric", "stage", "experiment")
+log = logging.getLogger("pipeline")
+
+
+def fail(message: str) -> None:
+    print(f"dialect-circuits: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Name an unknown config-group option in one line, before Hydra prints its long message."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith("hydra"):
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~")
+        if group not in GROUPS:
+            continue
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice and choice not in known and not choice.startswith(("range(", "choice(", "glob(")):
+                hint = " (or keep a model config and set model.name=<hub name or local dir>)" if group == "model" else ""
+                fail(f"unknown {group} {choice!r}: choose from {', '.join(known)}{hint}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def hydra_main(cfg) -> None:
+    from pipeline.runner import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, run_dir)
+    except PipelineError as err:
+        log.error("%s", err)
+        fail(str(err))
+    log.info("run directory: %s", run_dir)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in ("rerun", "compare"):
+        from pipeline import tools
+
+        sys.exit(tools.main(argv))
+    check_group_choices(argv)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

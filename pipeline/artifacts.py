@@ -1,0 +1,75 @@
+"""Writing into a run directory: every file is written to a temporary name and renamed, so a
+reader never sees half a file. Tensors go to safetensors, tables to CSV, figures to plotly HTML
+that loads plotly.js from a copy inside the run (no CDN)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def write_table(path: Path, df: pd.DataFrame) -> Path:
+    return write_atomic(path, df.to_csv(index=False))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def ensure_plotly_js(figures_dir: Path) -> None:
+    """Copy plotly.js into the run once, so every figure opens with no network."""
+    target = Path(figures_dir) / PLOTLY_JS
+    if not target.exists():
+        from plotly.offline import get_plotlyjs
+
+        write_atomic(target, get_plotlyjs())
+
+
+def write_figure(path: Path, fig) -> Path:
+    """A plotly figure as a standalone HTML page next to the run's copy of plotly.js."""
+    path = Path(path)
+    ensure_plotly_js(path.parent)
+    html = fig.to_html(include_plotlyjs="directory", full_html=True)
+    return write_atomic(path, html)
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

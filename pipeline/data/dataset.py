@@ -1,0 +1,71 @@
+"""The dataset a run works on: a CSV (dataset.path) or the built one, its fixed subset, and its
+prompts paired for the configured direction."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from pipeline.data.builder import interleave
+from pipeline.data.resources import load_templates
+from pipeline.errors import PipelineError
+from pipeline.prompts import PairedPrompts, align_roles, single_token_ids, split_by_difference, split_with_template, tokenize
+
+SEED_COLUMNS = ["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae"]
+
+
+def select(df: pd.DataFrame, features=None, max_prompts=None) -> pd.DataFrame:
+    """Keep the configured features, then the first `max_prompts` rows of the fixed order."""
+    if features:
+        if "feature" not in df.columns:
+            raise PipelineError("dataset.features needs a 'feature' column in the dataset")
+        df = df[df.feature.isin(features)]
+        if len(df) == 0:
+            raise PipelineError(f"dataset.features={list(features)} keeps no rows")
+    if max_prompts is not None:
+        if int(max_prompts) < 1:
+            raise PipelineError(f"dataset.max_prompts must be a positive number, got {max_prompts}")
+        df = df.head(int(max_prompts))
+    return df.reset_index(drop=True)
+
+
+def check_attributes(model, df: pd.DataFrame, where: str) -> None:
+    """Every answer must be one token (with its leading space) for this model's tokenizer."""
+    words = sorted(set(df.best_attr_aae) | set(df.best_attr_sae))
+    _, bad = single_token_ids(model, words)
+    if bad:
+        raise PipelineError(f"{where}: attributes that are not one token for this model's tokenizer: {', '.join(repr(' ' + w) for w in bad)}")
+
+
+def splits_for(df: pd.DataFrame, side: str) -> list[tuple[str, str, str]]:
+    """(prefix, utterance, suffix) of every prompt on one side: by its template column, by one of
+    the package's templates, or else where the AAE and SAE prompts differ."""
+    templates = load_templates()
+    out = []
+    for row in df.itertuples(index=False):
+        prompt = getattr(row, f"prompt_{side}")
+        known = [row.template] if "template" in df.columns and isinstance(getattr(row, "template", None), str) else templates
+        split = split_with_template(prompt, known) or split_with_template(prompt, templates)
+        if split is None:
+            sa, ss = split_by_difference(row.prompt_aae, row.prompt_sae)
+            split = sa if side == "aae" else ss
+        out.append(split)
+    return out
+
+
+def pair_prompts(model, df: pd.DataFrame, direction, prepend_bos: bool) -> PairedPrompts:
+    """Clean/corrupted prompts and (correct, incorrect) answers for `direction`; sae_clean swaps
+    the sides and the answer order and nothing else."""
+    clean, corrupt = direction.clean, direction.corrupted
+    answer_words = list(zip(df[f"best_attr_{clean}"], df[f"best_attr_{corrupt}"]))
+    ids, bad = single_token_ids(model, sorted({w for pair in answer_words for w in pair}))
+    if bad:
+        raise PipelineError(f"dataset: attributes that are not one token for this model's tokenizer: {', '.join(repr(' ' + w) for w in bad)}")
+    answers = torch.tensor([[ids[a], ids[b]] for a, b in answer_words])
+    clean_batch = tokenize(model, list(df[f"prompt_{clean}"]), splits_for(df, clean), prepend_bos)
+    corrupt_batch = tokenize(model, list(df[f"prompt_{corrupt}"]), splits_for(df, corrupt), prepend_bos)
+    names, cpos, kpos = align_roles(clean_batch, corrupt_batch)
+    return PairedPrompts(clean_batch, corrupt_batch, answers, [(" " + a, " " + b) for a, b in answer_words], names, cpos, kpos)
+
+
+__all__ = ["SEED_COLUMNS", "select", "check_attributes", "pair_prompts", "interleave"]

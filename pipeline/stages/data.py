@@ -1,0 +1,37 @@
+"""Stage `data`: build the dataset by matched guise probing, or load the configured CSV, and
+write it as `dataset.csv` in the notebook's format (feature and template as extra columns)."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline import figures
+from pipeline.artifacts import write_figure, write_table, write_tensors
+from pipeline.data.builder import association_table, build_rows, interleave, probe
+from pipeline.data.csv_loader import load_csv
+from pipeline.data.dataset import SEED_COLUMNS, check_attributes, select
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx) -> None:
+    cfg = ctx.cfg.dataset
+    if cfg.path:
+        df = load_csv(cfg.path)
+        if cfg.max_prompts is not None:
+            df = interleave(df, seed=int(ctx.cfg.seed))
+        df = select(df, cfg.features, cfg.max_prompts)
+        check_attributes(ctx.model, df, f"dataset.path {cfg.path}")
+        log.info("dataset: %d prompts from %s", len(df), cfg.path)
+    else:
+        rows = select(build_rows(cfg.features), None, cfg.max_prompts)
+        df, assoc, names, dropped = probe(ctx.model, rows, int(ctx.cfg.batch_size), bool(ctx.cfg.model.prepend_bos))
+        table = association_table(assoc, names, df.feature)
+        write_table(ctx.tables / "attribute_association.csv", table)
+        write_tensors(ctx.tensors / "association.safetensors", {"association": __import__("torch").tensor(assoc)},
+                      metadata={"rows": "dataset.csv rows", "columns": ",".join(names), "dropped": ",".join(dropped)})
+        write_figure(ctx.figures / "attribute_association.html", figures.attribute_association(table))
+        log.info("dataset: built %d prompts over %d features; top AAE-associated attributes: %s", len(df),
+                 df.feature.nunique(), ", ".join(table.attribute.head(5)))
+    ordered = SEED_COLUMNS + [c for c in df.columns if c not in SEED_COLUMNS]
+    write_table(ctx.run_dir / "dataset.csv", df[ordered])
