@@ -21,7 +21,7 @@ def load_csv(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"dataset.path: no such file: {path}")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, dtype=str)  # pandas reads "", NaN, NA, null as missing
     except pd.errors.EmptyDataError:
         raise PipelineError(f"dataset.path {path}: the file is empty") from None
     except pd.errors.ParserError as err:

@@ -1,0 +1,55 @@
+"""Shared test fixtures: everything offline, a tiny random GPT-2-architecture model built into a
+temporary cache, Hydra's compose API for configs, and the CLI run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIALECT_CIRCUITS_CACHE", tempfile.mkdtemp(prefix="dialect-circuits-test-cache-"))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(overrides: list[str] | None = None):
+    """The composed config, as the CLI would compose it (without Hydra's run-time fields)."""
+    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`dialect-circuits ARGS` in `cwd`, as a user would type it."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+def only_run_dir(root: Path) -> Path:
+    """The one run directory under root/outputs/<date>/<time>."""
+    dirs = [p for p in (root / "outputs").glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from pipeline.model import load_model
+
+    torch.manual_seed(0)
+    return load_model(make_cfg(["model=tiny"]).model, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    from pipeline.model import load_model
+
+    return load_model(make_cfg([]).model, "cpu", torch.float32)
