@@ -78,3 +78,32 @@ def faceted_heatmaps(zs: list[np.ndarray], facet_titles: list[str], x: list[str]
     fig.update_xaxes(title_text=x_title)
     fig.update_layout(title=title, width=max(420 * len(zs), 900), height=600)
     return fig
+
+
+def small_multiples(zs: list[np.ndarray], titles: list[str], x: list[str], y: list[str], title: str,
+                    x_title: str, y_title: str, hovers: list[np.ndarray] | None = None, cols: int = 4) -> go.Figure:
+    """A grid of heatmaps on one diverging scale (per-feature splits)."""
+    rows = -(-len(zs) // cols)
+    zmax = max(float(np.nanmax(np.abs(z))) for z in zs) or 1.0
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.03, vertical_spacing=0.08)
+    for i, z in enumerate(zs):
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax, showscale=i == 0,
+                                 text=None if hovers is None else hovers[i],
+                                 hovertemplate="%{text}<extra></extra>" if hovers is not None else None),
+                      i // cols + 1, i % cols + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, width=1100, height=330 * rows)
+    return fig
+
+
+def attention_grid(zs: list[np.ndarray], titles: list[str], x: list[str], y: list[str], title: str, cols: int = 3) -> go.Figure:
+    """Attention weights (0..1) of a few heads over role-labelled positions, one panel per template."""
+    rows = -(-len(zs) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.12)
+    for i, z in enumerate(zs):
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale="Blues", zmin=0, zmax=1, showscale=i == 0,
+                                 hovertemplate="%{y} → %{x}: %{z:.3f}<extra></extra>"), i // cols + 1, i % cols + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, width=1300, height=340 * rows)
+    fig.update_annotations(font_size=10)
+    return fig

@@ -1,0 +1,174 @@
+"""Stage `attribution`: the notebook's "Logit Attribution" and "Attention Analysis".
+
+Logit lens, layer attribution and head attribution on clean and corrupted prompts (each prompt
+with its own answer pair, at its real last token), summarized with bootstrap intervals and per
+dialect feature; attention of the top positive and negative heads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import figures
+from pipeline.artifacts import write_atomic, write_figure, write_table, write_tensors
+from pipeline.attribution import attribute, full_attention, last_token_attention
+from pipeline.errors import PipelineError
+from pipeline.prompts import role_sort_key
+from pipeline.stats import summarize, summary_table
+
+log = logging.getLogger(__name__)
+CLOSURE_ATOL = 1e-3
+
+
+def head_names(n_layers: int, n_heads: int) -> list[str]:
+    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+
+
+def top_heads(mean: torch.Tensor, k: int, sign: int) -> list[tuple[int, int]]:
+    flat = (mean * sign).flatten()
+    idx = torch.topk(flat, min(k, flat.numel())).indices
+    return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in idx]
+
+
+def run(ctx) -> None:
+    cfg, model, pairs = ctx.cfg, ctx.model, ctx.pairs
+    bs, n_boot, seed = int(cfg.batch_size), int(cfg.attribution.bootstrap), int(cfg.seed)
+    features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+
+    results = {side: attribute(model, getattr(pairs, side), pairs.answers, bs, desc=f"attribution ({side})")
+               for side in ("clean", "corrupted")}
+    for side, r in results.items():
+        gap = float((r["layer"].sum(0) - r["model_logit_diff"]).abs().max())
+        if gap > CLOSURE_ATOL:
+            raise PipelineError(f"layer attribution does not sum to the model's logit difference on the {side} prompts (max gap {gap:.2e})")
+        log.info("%s: layer attribution closes to the model's logit difference within %.1e", side, gap)
+
+    labels = results["clean"]["labels"]
+    tensors = {}
+    for side, r in results.items():
+        for key in ("logit_lens", "layer", "head", "model_logit_diff"):
+            tensors[f"{side}/{key}"] = r[key]
+    write_tensors(ctx.tensors / "attribution.safetensors", tensors,
+                  metadata={"logit_lens": json.dumps(labels["logit_lens"]), "layer": json.dumps(labels["layer"]),
+                            "head": "[n_layers, n_heads, n_prompts]", "prompts": "rows of dataset.csv"})
+
+    # Tables: one row per component, clean and corrupted side by side.
+    def table(key, keys):
+        parts = []
+        for side, r in results.items():
+            values = r[key].reshape(-1, r[key].shape[-1])
+            parts.append(summary_table(values, keys.assign(side=side), features, n_boot, seed))
+        return pd.concat(parts, ignore_index=True)
+
+    lens = table("logit_lens", pd.DataFrame({"component": labels["logit_lens"]}))
+    layer = table("layer", pd.DataFrame({"component": labels["layer"]}))
+    grid = pd.DataFrame([(l, h, f"L{l}H{h}") for l in range(n_layers) for h in range(n_heads)], columns=["layer", "head", "name"])
+    heads = table("head", grid)
+    write_table(ctx.tables / "logit_lens.csv", lens)
+    write_table(ctx.tables / "layer_attribution.csv", layer[layer.side == "clean"].drop(columns="side"))
+    write_table(ctx.tables / "layer_attribution_both_sides.csv", layer)
+    write_table(ctx.tables / "head_attribution.csv", heads[heads.side == "clean"].drop(columns="side"))
+    write_table(ctx.tables / "head_attribution_both_sides.csv", heads)
+
+    clean_mean = summarize(results["clean"]["head"], n_boot, seed)
+    k = int(cfg.attribution.top_k_heads)
+    positive, negative = top_heads(clean_mean["mean"], k, +1), top_heads(clean_mean["mean"], k, -1)
+    clean_heads = heads[heads.side == "clean"].set_index("name")
+    top = pd.concat([clean_heads.loc[[f"L{l}H{h}" for l, h in positive]].assign(sign="positive"),
+                     clean_heads.loc[[f"L{l}H{h}" for l, h in negative]].assign(sign="negative")]).reset_index()
+    write_table(ctx.tables / "top_heads.csv", top)
+    log.info("top heads by clean attribution: %s", ", ".join(f"{r['name']} {r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for _, r in top.iterrows()))
+
+    write_figures(ctx, lens, layer, heads, n_layers, n_heads, features)
+    write_attention(ctx, positive, negative)
+
+
+def band(table: pd.DataFrame, side: str):
+    t = table[table.side == side]
+    return t["mean"].to_numpy(), (t.ci_low.to_numpy(), t.ci_high.to_numpy())
+
+
+def write_figures(ctx, lens, layer, heads, n_layers, n_heads, features) -> None:
+    direction = str(ctx.cfg.direction.name)
+    for name, table, title in (
+        ("logit_lens", lens, "Logit lens: logit difference from the accumulated residual stream"),
+        ("layer_attribution", layer, "Logit difference from each layer (direct attribution)"),
+    ):
+        values, bands = {}, {}
+        for side in ("clean", "corrupted"):
+            values[side], bands[side] = band(table, side)
+        comp = list(table[table.side == "clean"].component)
+        write_figure(ctx.figures / f"{name}.html", figures.line(values, comp, f"{title} ({direction}, mean and 95% interval)", bands))
+
+    facets, hovers = [], []
+    for side in ("clean", "corrupted"):
+        t = heads[heads.side == side]
+        z = t["mean"].to_numpy().reshape(n_layers, n_heads)
+        facets.append(z)
+        hovers.append(np.array([f"{n}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for n, m, lo, hi in zip(t.name, t["mean"], t.ci_low, t.ci_high)]).reshape(n_layers, n_heads))
+    heads_x, layers_y = [str(h) for h in range(n_heads)], [str(l) for l in range(n_layers)]
+    write_figure(ctx.figures / "head_attribution.html", figures.faceted_heatmaps(
+        facets, ["clean prompts", "corrupted prompts"], heads_x, layers_y,
+        f"Logit difference from each head ({direction}; hover: mean [95% interval])", "head", "layer", hovers))
+
+    if features and len(set(features)) > 1:
+        clean = heads[heads.side == "clean"]
+        cols = [c for c in clean.columns if c.startswith("mean_")]
+        zs = [clean[c].to_numpy().reshape(n_layers, n_heads) for c in cols]
+        hv = [np.array([f"{n} ({c[5:]}): {v:+.4f}" for n, v in zip(clean.name, clean[c])]).reshape(n_layers, n_heads) for c in cols]
+        fig = figures.small_multiples(zs, [c[5:] for c in cols], heads_x, layers_y,
+                                      f"Head attribution per dialect feature (clean prompts, {direction})", "head", "layer", hv)
+        write_figure(ctx.figures / "head_attribution_by_feature.html", fig)
+
+
+def write_attention(ctx, positive, negative) -> None:
+    """circuitsvis views of the example prompt and, per template, the last token's attention over
+    role-labelled positions for the top heads."""
+    import circuitsvis as cv
+
+    model, pairs, cfg = ctx.model, ctx.pairs, ctx.cfg
+    index = int(cfg.example.prompt_index)
+    if not 0 <= index < len(pairs):
+        raise PipelineError(f"example.prompt_index={index} is outside the dataset's {len(pairs)} prompts")
+    batch = pairs.clean
+    sections = []
+    for kind, heads in (("positive", positive), ("negative", negative)):
+        pattern = full_attention(model, batch, index, heads)
+        view = cv.attention.attention_heads(attention=pattern, tokens=batch.str_tokens[index],
+                                               attention_head_names=[f"L{l}H{h}" for l, h in heads])
+        # `local_src` inlines the circuitsvis bundle; the default string loads it from a CDN.
+        sections.append(f"<h2>Top {len(heads)} {kind} logit attribution heads</h2>\n{view.local_src}")
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attention of the top heads</title></head><body>"
+            f"<p>Clean prompt {index}: {batch.prompts[index]!r}</p>" + "\n".join(sections) + "</body></html>")
+    write_atomic(ctx.figures / "attention_top_heads.html", page)
+
+    heads = positive + negative
+    names = [f"L{l}H{h} ({'+' if (l, h) in positive else '-'})" for l, h in heads]
+    rows = last_token_attention(model, batch, heads, int(cfg.batch_size))
+    templates = list(ctx.dataset["template"]) if "template" in ctx.dataset else ["all prompts"] * len(batch)
+    per_template, roles = {}, set()
+    for i, att in enumerate(rows):
+        by_role = {}
+        for pos, role in enumerate(batch.role_labels[i]):
+            by_role[role] = by_role.get(role, 0) + att[:, pos]  # utt_mid tokens add up into one role
+        per_template.setdefault(templates[i], []).append(by_role)
+        roles.update(by_role)
+    order = sorted(roles, key=lambda r: role_sort_key(r) if r != "utt_mid" else (1, 0.5))
+    zs, titles = [], []
+    for template, dicts in per_template.items():
+        z = np.full((len(heads), len(order)), np.nan)
+        for j, role in enumerate(order):
+            vals = [d[role].numpy() for d in dicts if role in d]
+            if vals:
+                z[:, j] = np.mean(vals, axis=0)
+        zs.append(z)
+        titles.append(template.replace("{}", "…"))
+    fig = figures.attention_grid(zs, titles, order, names,
+                                 "Attention of the last token over role-labelled positions (clean prompts, mean per template)")
+    write_figure(ctx.figures / "attention_last_token.html", fig)

@@ -1,0 +1,45 @@
+"""Direct logit attribution closes: the layer terms sum to the model's own logit difference per
+prompt (the check the notebook had to comment out), heads sum to their layer's attention term,
+and batched attributions equal one-prompt-at-a-time ones."""
+
+import pytest
+import torch
+
+from pipeline.attribution import attribute
+from pipeline.data.dataset import pair_prompts
+from pipeline.stats import summarize
+from conftest import make_cfg
+from test_prompts import small_dataset
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "embedded_model"])
+def test_layer_attribution_sums_to_logit_diff(which, request):
+    model = request.getfixturevalue(which)
+    pairs = pair_prompts(model, small_dataset(10), make_cfg([]).direction, True)
+    assert len(set(pairs.clean.last.tolist())) > 1
+    r = attribute(model, pairs.clean, pairs.answers, batch_size=4)
+    torch.testing.assert_close(r["layer"].sum(0), r["model_logit_diff"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(r["logit_lens"][-1], r["model_logit_diff"], atol=1e-3, rtol=0)
+    attn = [i for i, label in enumerate(r["labels"]["layer"]) if label.endswith("attn_out")]
+    b_O = getattr(model.blocks[0].attn, "b_O", None)
+    if b_O is None or float(b_O.abs().max()) == 0:
+        torch.testing.assert_close(r["head"].sum(1), r["layer"][attn], atol=1e-3, rtol=0)
+
+
+def test_batched_attribution_equals_single(tiny_model):
+    pairs = pair_prompts(tiny_model, small_dataset(6), make_cfg([]).direction, True)
+    batched = attribute(tiny_model, pairs.corrupted, pairs.answers, batch_size=6)
+    single = attribute(tiny_model, pairs.corrupted, pairs.answers, batch_size=1)
+    for key in ("logit_lens", "layer", "head", "model_logit_diff"):
+        torch.testing.assert_close(batched[key], single[key], atol=1e-4, rtol=0)
+
+
+def test_summarize_interval_contains_mean_and_ignores_nan():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 200, generator=g) + torch.tensor([[0.0], [1.0], [-2.0]])
+    x[0, :10] = float("nan")
+    s = summarize(x, n_boot=500, seed=0)
+    assert (s["ci_low"] < s["mean"]).all() and (s["mean"] < s["ci_high"]).all()
+    torch.testing.assert_close(s["mean"][0], torch.nanmean(x[0]), atol=1e-6, rtol=0)
+    assert s["n"].tolist() == [190, 200, 200]
+    assert abs(float(s["mean"][2]) + 2) < 0.3
