@@ -137,19 +137,17 @@ def write_attention(ctx, positive, negative) -> None:
     if not 0 <= index < len(pairs):
         raise PipelineError(f"example.prompt_index={index} is outside the dataset's {len(pairs)} prompts")
     batch = pairs.clean
-    sections = []
-    for kind, heads in (("positive", positive), ("negative", negative)):
-        pattern = full_attention(model, batch, index, heads)
-        view = cv.attention.attention_heads(attention=pattern, tokens=batch.str_tokens[index],
-                                               attention_head_names=[f"L{l}H{h}" for l, h in heads])
-        # `local_src` inlines the circuitsvis bundle; the default string loads it from a CDN.
-        sections.append(f"<h2>Top {len(heads)} {kind} logit attribution heads</h2>\n{view.local_src}")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attention of the top heads</title></head><body>"
-            f"<p>Clean prompt {index}: {batch.prompts[index]!r}</p>" + "\n".join(sections) + "</body></html>")
-    write_atomic(ctx.figures / "attention_top_heads.html", page)
-
     heads = positive + negative
     names = [f"L{l}H{h} ({'+' if (l, h) in positive else '-'})" for l, h in heads]
+    pattern = full_attention(model, batch, index, heads)
+    # One widget for all heads: each widget carries the whole circuitsvis bundle. `local_src`
+    # inlines that bundle; the default string would load it from a CDN.
+    view = cv.attention.attention_heads(attention=pattern, tokens=batch.str_tokens[index], attention_head_names=names)
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attention of the top heads</title></head><body>"
+            f"<h2>Top {len(positive)} positive (+) and {len(negative)} negative (-) logit attribution heads</h2>"
+            f"<p>Clean prompt {index}: {batch.prompts[index]!r}</p>\n{view.local_src}</body></html>")
+    write_atomic(ctx.figures / "attention_top_heads.html", page)
+
     rows = last_token_attention(model, batch, heads, int(cfg.batch_size))
     templates = list(ctx.dataset["template"]) if "template" in ctx.dataset else ["all prompts"] * len(batch)
     per_template, roles = {}, set()
