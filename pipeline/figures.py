@@ -65,18 +65,48 @@ def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str, x_title: str,
     return fig
 
 
-def faceted_heatmaps(zs: list[np.ndarray], facet_titles: list[str], x: list[str], y: list[str], title: str,
+def faceted_heatmaps(zs: list[np.ndarray], facet_titles: list[str], x, y: list[str], title: str,
                      x_title: str, y_title: str, hovers: list[np.ndarray] | None = None) -> go.Figure:
-    """Heatmaps side by side with one shared diverging scale (the notebook's facet_col plots)."""
-    zmax = max(float(np.nanmax(np.abs(z))) for z in zs) or 1.0
-    fig = make_subplots(rows=1, cols=len(zs), subplot_titles=facet_titles, shared_yaxes=True, horizontal_spacing=0.02)
-    for i, z in enumerate(zs):
-        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax,
-                                 showscale=i == 0, text=None if hovers is None else hovers[i],
-                                 hovertemplate="%{text}<extra></extra>" if hovers is not None else None), 1, i + 1)
-    fig.update_yaxes(autorange="reversed", title_text=y_title, col=1)
-    fig.update_xaxes(title_text=x_title)
-    fig.update_layout(title=title, width=max(420 * len(zs), 900), height=600)
+    """Heatmaps side by side with one shared diverging scale (the notebook's facet_col plots).
+    `x` is one list of labels for all facets or one per facet (key/value heads may be fewer)."""
+    return heatmap_grid([zs], [""], facet_titles, x, y, title, x_title, y_title, None if hovers is None else [hovers])
+
+
+def heatmap_grid(zs: list[list[np.ndarray]], row_titles: list[str], col_titles: list[str], x, y: list[str],
+                 title: str, x_title: str, y_title: str, hovers: list[list[np.ndarray]] | None = None) -> go.Figure:
+    """Rows x columns of heatmaps on one diverging scale centred on 0; hover text per cell."""
+    n_rows, n_cols = len(zs), len(zs[0])
+    xs = x if x and isinstance(x[0], list) else [x] * n_cols
+    zmax = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 0.0 for row in zs for z in row) or 1.0
+    titles = [f"{c} ({r})" if r else c for r in row_titles for c in col_titles]
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=titles, shared_yaxes=True,
+                        horizontal_spacing=0.02, vertical_spacing=0.12 if n_rows > 1 else 0.0)
+    for i, row in enumerate(zs):
+        for j, z in enumerate(row):
+            text = None if hovers is None else hovers[i][j]
+            fig.add_trace(go.Heatmap(z=z, x=xs[j], y=y, colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax,
+                                     showscale=i == 0 and j == 0, text=text,
+                                     hovertemplate="%{text}<extra></extra>" if text is not None else None), i + 1, j + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text=y_title, col=1)
+    fig.update_xaxes(title_text=x_title, row=n_rows)
+    fig.update_layout(title=title, width=max(380 * n_cols, 900), height=max(520 * n_rows, 600))
+    return fig
+
+
+def scatter_agreement(points: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], title: str) -> go.Figure:
+    """Exact patching (x) against its approximation (y), one trace per part, with y = x drawn."""
+    fig = go.Figure()
+    lo, hi = 0.0, 0.0
+    for name, (xv, yv, labels) in points.items():
+        fig.add_trace(go.Scatter(x=xv, y=yv, mode="markers", name=name, text=labels, marker=dict(size=5, opacity=0.7),
+                                 hovertemplate="%{text}<br>exact %{x:.3f}<br>attribution %{y:.3f}<extra></extra>"))
+        finite = np.concatenate([xv[np.isfinite(xv)], yv[np.isfinite(yv)]])
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"), name="y = x"))
+    fig.update_layout(title=title, xaxis_title="exact activation patching (normalized)",
+                      yaxis_title="attribution patching (normalized)", width=800, height=700)
     return fig
 
 

@@ -26,7 +26,7 @@ def logit_diff_directions(model, answers: torch.Tensor) -> tuple[torch.Tensor, t
     W_U = model.W_U
     b_U = model.b_U if getattr(model, "b_U", None) is not None else torch.zeros(W_U.shape[1], device=W_U.device)
     a = answers.to(W_U.device)
-    return W_U[:, a[:, 0]].T - W_U[:, a[:, 1]].T, b_U[a[:, 0]] - b_U[a[:, 1]]
+    return (W_U[:, a[:, 0]].T - W_U[:, a[:, 1]].T).detach(), (b_U[a[:, 0]] - b_U[a[:, 1]]).detach()
 
 
 @dataclass(frozen=True)

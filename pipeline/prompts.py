@@ -150,6 +150,14 @@ class PairedPrompts:
     def __len__(self) -> int:
         return len(self.clean)
 
+    def head(self, n: int) -> "PairedPrompts":
+        """The first n prompts (the patching subset), with the same role columns."""
+        def cut(b: PromptBatch) -> PromptBatch:
+            return PromptBatch(b.prompts[:n], b.tokens[:n], b.attention_mask[:n], b.last[:n], b.role_labels[:n], b.str_tokens[:n])
+
+        return PairedPrompts(cut(self.clean), cut(self.corrupted), self.answers[:n], self.answer_strs[:n],
+                             self.role_names, self.clean_pos[:n], self.corrupted_pos[:n])
+
     def role_label(self, r: int) -> str:
         """Role name with the token it holds in the first prompt that has it, for axes."""
         name = self.role_names[r]

@@ -1,0 +1,193 @@
+"""Stage `patching`: the notebook's "Activation Patching" section, denoising with the normalized
+metric (0 = corrupted performance, 1 = clean).
+
+Exact sweeps (resid_pre, block, head_out, head_parts) run on the first `patching.max_prompts`
+prompts with the engine of `patching.engine`, checkpointed so a killed run resumes without
+redoing finished cells; attribution patching estimates the same cells on every prompt and is
+scored against the exact sweeps (Pearson r, top-10 overlap).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import figures
+from pipeline.artifacts import read_tensors, write_figure, write_table, write_tensors
+from pipeline.errors import PipelineError
+from pipeline.metrics import Anchors
+from pipeline.patching import attribution_patching
+from pipeline.patching.engine import run_cells
+from pipeline.patching.sweeps import PART_TITLES, PARTS, SWEEPS, axis_size, cells_of, check_sweeps
+from pipeline.stats import summary_table
+
+log = logging.getLogger(__name__)
+
+
+class PartCheckpoint:
+    """Partial results of one part's cells, saved every `every` cells under tensors/.partial/."""
+
+    def __init__(self, path, every: int):
+        self.path, self.every, self.since = path, max(int(every), 1), 0
+
+    def load(self):
+        if not self.path.exists():
+            return None, None
+        t = read_tensors(self.path)
+        log.info("resuming %s: %d of %d cells done", self.path.name, int(t["done"].sum()), t["done"].numel())
+        return t["done"], t["values"]
+
+    def __call__(self, done, values) -> None:
+        self.since += 1
+        if self.since >= self.every or bool(done.all()):
+            write_tensors(self.path, {"done": done, "values": values})
+            self.since = 0
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def anchors_for(ctx, n: int) -> Anchors:
+    """Mean clean and corrupted logit differences of the first n prompts (from the cache stage)."""
+    base = read_tensors(ctx.tensors / "baseline.safetensors")
+    clean, corrupted = base["clean_logit_diff"][:n], base["corrupted_logit_diff"][:n]
+    anchors = Anchors(float(clean.mean()), float(corrupted.mean()))
+    if abs(anchors.clean - anchors.corrupted) < 1e-6:
+        raise PipelineError("clean and corrupted mean logit differences are equal on the patching prompts: the normalized metric is undefined")
+    return anchors
+
+
+def axis_labels(model, pairs, part: str) -> list[str]:
+    axis = PARTS[part][1]
+    if axis == "role":
+        return [pairs.role_label(r) for r in range(len(pairs.role_names))]
+    return [str(h) for h in range(axis_size(model, pairs, axis))]
+
+
+def long_table(sweep: str, part: str, values: torch.Tensor, labels: list[str], axis: str, features, n_boot, seed) -> pd.DataFrame:
+    """[layer, x, prompt] -> one row per cell with mean, sem, 95% interval, n and per-feature means."""
+    n_layers, n_x = values.shape[:2]
+    keys = pd.DataFrame([(sweep, part, l, x if axis != "role" else "", labels[x] if axis == "role" else "")
+                         for l in range(n_layers) for x in range(n_x)], columns=["sweep", "part", "layer", "head", "role"])
+    return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed)
+
+
+def hover_text(table: pd.DataFrame, shape) -> np.ndarray:
+    return np.array([f"layer {r.layer}, {r.role or 'head ' + str(r.head)}<br>{r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], n={r.n_prompts}"
+                     for _, r in table.iterrows()]).reshape(shape)
+
+
+def run(ctx) -> None:
+    cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.pairs
+    pcfg = cfg.patching
+    sweeps = check_sweeps(pcfg.sweeps)
+    if pcfg.engine not in ("fast", "reference"):
+        raise PipelineError(f"patching.engine={pcfg.engine!r} is not one of fast, reference")
+    n_exact = len(pairs_all) if pcfg.max_prompts is None else min(int(pcfg.max_prompts), len(pairs_all))
+    pairs = pairs_all.head(n_exact)
+    anchors = anchors_for(ctx, n_exact)
+    features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
+    bs, n_boot, seed = int(cfg.batch_size), int(pcfg.bootstrap), int(cfg.seed)
+    log.info("patching: exact sweeps %s on %d prompts (%s engine), anchors clean %.4f corrupted %.4f",
+             sweeps, n_exact, pcfg.engine, anchors.clean, anchors.corrupted)
+
+    parts = list(dict.fromkeys(p for s in sweeps for p in SWEEPS[s]))
+    exact = {}
+    for part in parts:
+        cells = cells_of(model, pairs, part)
+        checkpoint = PartCheckpoint(ctx.tensors / ".partial" / f"patch_{part}.safetensors", pcfg.checkpoint_every)
+        done, values = checkpoint.load()
+        values, _ = run_cells(model, pairs, cells, bs, fast=pcfg.engine == "fast", done=done, values=values,
+                              on_progress=checkpoint, desc=f"patching {part}")
+        n_x = axis_size(model, pairs, PARTS[part][1])
+        exact[part] = anchors.normalize(values.reshape(model.cfg.n_layers, n_x, len(pairs)))
+        write_tensors(ctx.tensors / f"patch_{part}.safetensors", {"normalized": exact[part], "logit_diff": values.reshape(exact[part].shape)},
+                      metadata={"axes": f"[layer, {PARTS[part][1]}, prompt]", "labels": "|".join(axis_labels(model, pairs, part)),
+                                "anchor_clean": str(anchors.clean), "anchor_corrupted": str(anchors.corrupted)})
+        checkpoint.remove()
+
+    approx = {}
+    if pcfg.attribution_patching:
+        all_anchors = anchors_for(ctx, len(pairs_all))
+        raw = attribution_patching.estimate(model, pairs_all, parts, bs, desc="attribution patching")
+        approx = {p: all_anchors.normalize(v) for p, v in raw.items()}
+        write_tensors(ctx.tensors / "attrpatch.safetensors", {p: v for p, v in approx.items()},
+                      metadata={"axes": "[layer, role-or-head, prompt] over all prompts"})
+
+    agreement = []
+    for sweep in sweeps:
+        tables, ap_tables = [], []
+        for part in SWEEPS[sweep]:
+            labels, axis = axis_labels(model, pairs, part), PARTS[part][1]
+            tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed))
+            if approx:
+                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed))
+                # Agreement on the prompts both ran on, with the same anchors.
+                ap_sub = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
+                ex = exact[part].nanmean(-1).flatten().numpy()
+                agreement.append({"sweep": sweep, "part": part, **agreement_scores(ex, ap_sub)})
+        write_table(ctx.tables / f"patch_{sweep}.csv", pd.concat(tables, ignore_index=True))
+        write_sweep_figure(ctx, model, pairs, sweep, tables, f"patch_{sweep}", f"Activation patching: {sweep} ({n_exact} prompts, {cfg.direction.name})")
+        if approx:
+            write_table(ctx.tables / f"attrpatch_{sweep}.csv", pd.concat(ap_tables, ignore_index=True))
+            write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, len(pairs_all))
+    if agreement:
+        table = pd.DataFrame(agreement).drop_duplicates(["part"])
+        write_table(ctx.tables / "attrpatch_agreement.csv", table)
+        write_agreement_figure(ctx, exact, raw, anchors, n_exact, model, pairs)
+        for _, r in table.iterrows():
+            log.info("attribution vs exact patching, %s: Pearson r %.3f, top-10 overlap %d/10", r.part, r.pearson_r, r.top10_overlap)
+
+
+def agreement_scores(exact: np.ndarray, approx: np.ndarray) -> dict:
+    ok = np.isfinite(exact) & np.isfinite(approx)
+    e, a = exact[ok], approx[ok]
+    r = float(np.corrcoef(e, a)[0, 1]) if len(e) > 2 and e.std() > 0 and a.std() > 0 else float("nan")
+    k = min(10, len(e))
+    top_e = set(np.argsort(-np.abs(e))[:k])
+    top_a = set(np.argsort(-np.abs(a))[:k])
+    return {"pearson_r": r, "top10_overlap": len(top_e & top_a), "n_cells": int(ok.sum())}
+
+
+def grids(model, pairs, sweep, tables):
+    zs, hovers, xs = [], [], []
+    for part, table in zip(SWEEPS[sweep], tables):
+        n_x = axis_size(model, pairs, PARTS[part][1])
+        shape = (model.cfg.n_layers, n_x)
+        zs.append(table["mean"].to_numpy().reshape(shape))
+        hovers.append(hover_text(table, shape))
+        xs.append(axis_labels(model, pairs, part))
+    return zs, hovers, xs
+
+
+def write_sweep_figure(ctx, model, pairs, sweep, tables, name, title) -> None:
+    zs, hovers, xs = grids(model, pairs, sweep, tables)
+    x_title = "position (role)" if PARTS[SWEEPS[sweep][0]][1] == "role" else "head"
+    fig = figures.faceted_heatmaps(zs, [PART_TITLES[p] for p in SWEEPS[sweep]], xs, [str(l) for l in range(model.cfg.n_layers)],
+                                   title + "<br><sup>normalized: 0 = corrupted, 1 = clean; hover: mean [95% interval]</sup>",
+                                   x_title, "layer", hovers)
+    write_figure(ctx.figures / f"{name}.html", fig)
+
+
+def write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, n_all) -> None:
+    ez, eh, xs = grids(model, pairs, sweep, tables)
+    az, ah, _ = grids(model, pairs, sweep, ap_tables)
+    x_title = "position (role)" if PARTS[SWEEPS[sweep][0]][1] == "role" else "head"
+    fig = figures.heatmap_grid([ez, az], [f"exact, {len(pairs)} prompts", f"attribution patching, {n_all} prompts"],
+                               [PART_TITLES[p] for p in SWEEPS[sweep]], xs, [str(l) for l in range(model.cfg.n_layers)],
+                               f"Exact vs attribution patching: {sweep} (normalized)", x_title, "layer", [eh, ah])
+    write_figure(ctx.figures / f"attrpatch_{sweep}.html", fig)
+
+
+def write_agreement_figure(ctx, exact, raw, anchors, n_exact, model, pairs) -> None:
+    points = {}
+    for part, values in exact.items():
+        labels = axis_labels(model, pairs, part)
+        names = [f"{part} L{l} {labels[x]}" for l in range(values.shape[0]) for x in range(values.shape[1])]
+        approx = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
+        points[PART_TITLES[part]] = (values.nanmean(-1).flatten().numpy(), approx, names)
+    write_figure(ctx.figures / "attrpatch_vs_exact.html",
+                 figures.scatter_agreement(points, f"Attribution patching against exact patching, per cell ({n_exact} prompts)"))
