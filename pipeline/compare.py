@@ -29,9 +29,12 @@ from pipeline.artifacts import PLOTLY_JS, ensure_plotly_js, read_json, write_ato
 from pipeline.errors import PipelineError
 
 # Columns that hold a statistic of a component; every other column names the component, except
-# one of numbers with decimals (a statistic this list does not know yet, never a key).
+# one named <statistic>_<group> (mean_finna: the mean over one feature's prompts) and one of
+# numbers with decimals (a statistic this list does not know yet: never a key).
 STATISTICS = ("mean", "sem", "std", "ci_low", "ci_high", "n_prompts", "n")
 TOP = 20
+# Page order: the baseline, the attribution tables, the patching sweeps, then anything else.
+ORDER = ("logit_diff", "head_attribution", "layer_attribution", "patch_", "attrpatch_")
 
 
 class Run:
@@ -137,7 +140,7 @@ def read_table(run: Run, name: str) -> pd.DataFrame | None:
         numbers = pd.to_numeric(df[column].mask(df[column] == ""), errors="coerce")
         all_numbers = (numbers.notna() | (df[column] == "")).all()
         has_decimals = all_numbers and (numbers.dropna() % 1 != 0).any()
-        if column in STATISTICS or has_decimals:
+        if column in STATISTICS or column.startswith(tuple(f"{stat}_" for stat in STATISTICS)) or has_decimals:
             df[column] = numbers
         else:
             # Integers written by a float column ("3.0") must join with integers written as "3".
@@ -283,6 +286,10 @@ def section(name: str, joined: pd.DataFrame, names: pd.Series, runs: list[Run]) 
             f"<div class=\"figs\">{divs}</div>")
 
 
+def page_order(name: str) -> tuple[int, str]:
+    return next((i for i, prefix in enumerate(ORDER) if name.startswith(prefix)), len(ORDER)), name
+
+
 def default_out(runs: list[Run]) -> Path:
     parent = Path(os.path.commonpath([str(run.path) for run in runs]))
     out = parent / f"comparison-{datetime.now():%Y-%m-%d_%H-%M-%S}"
@@ -304,7 +311,7 @@ def compare(dirs: list[str], out: str | None, allow_different_datasets: bool) ->
         if run.manifest.get("status") != "complete":
             print(f"  note: {run.label} did not finish (status {run.manifest.get('status')}); its tables may be partial")
 
-    names = sorted(set.union(*(run.table_names() for run in runs)))
+    names = sorted(set.union(*(run.table_names() for run in runs)), key=page_order)
     sections, skipped = [], []
     for name in names:
         having = [run for run in runs if name in run.table_names()]
@@ -318,6 +325,9 @@ def compare(dirs: list[str], out: str | None, allow_different_datasets: bool) ->
         joined = join_runs(tables, runs)
         if isinstance(joined, str):
             skipped.append(f"tables/{name}.csv: {joined}")
+            continue
+        if joined["max_abs_diff"].isna().all():
+            skipped.append(f"tables/{name}.csv: no component is in every run")
             continue
         names = component_names(joined, key_columns(tables[0]))
         write_table(out_dir / "tables" / f"compare_{name}.csv", joined)
