@@ -38,7 +38,7 @@ def check_group_choices(argv: list[str]) -> None:
         if group not in GROUPS:
             continue
         known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        for choice in value.split(","):
+        for choice in value.strip("[]").split(","):
             if choice and choice not in known and not choice.startswith(("range(", "choice(", "glob(")):
                 hint = " (or keep a model config and set model.name=<hub name or local dir>)" if group == "model" else ""
                 fail(f"unknown {group} {choice!r}: choose from {', '.join(known)}{hint}")

