@@ -50,6 +50,14 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    """The string metadata stored in a safetensors file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def ensure_plotly_js(figures_dir: Path) -> None:
     """Copy plotly.js into the run once, so every figure opens with no network."""
     target = Path(figures_dir) / PLOTLY_JS

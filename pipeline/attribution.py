@@ -16,7 +16,7 @@ from pipeline.metrics import gather_last, logit_diff, logit_diff_directions
 from pipeline.prompts import PromptBatch, micro_batches
 
 CACHED_HOOKS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                "hook_attn_out", "hook_mlp_out", "attn.hook_z", "ln_final.hook_scale")
+                "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_pattern", "ln_final.hook_scale")
 
 
 def apply_final_ln_scale(model, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -29,12 +29,14 @@ def apply_final_ln_scale(model, stack: torch.Tensor, scale: torch.Tensor) -> tor
 def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int, desc: str | None = None) -> dict:
     """Per-prompt attributions [components, n]: `logit_lens` (accumulated residual, incl_mid),
     `layer` (decompose_resid terms plus the unembedding bias, summing to the model's logit
-    difference), `head` [n_layers, n_heads, n], and `model_logit_diff` [n]."""
+    difference), `head` [n_layers, n_heads, n], and `model_logit_diff` [n]; plus
+    `last_attention`, each prompt's last-token attention over its real positions
+    [n_layers, n_heads, n_tokens], kept from the same pass for the attention figures."""
     device = model_device(model)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     W_O = model.W_O  # [layers, heads, d_head, d_model]
     out = {"logit_lens": [], "layer": [], "head": [], "model_logit_diff": []}
-    labels = {}
+    labels, last_attention = {}, []
     with torch.no_grad():
         for rows in tqdm(list(micro_batches(len(batch), batch_size)), desc=desc, disable=desc is None, leave=False):
             mb = batch.slice(rows).to(device)
@@ -60,27 +62,13 @@ def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int,
                 heads.append((apply_final_ln_scale(model, per_head, scale) * direction).sum(-1))
             out["head"].append(torch.stack(heads))
             out["model_logit_diff"].append(logit_diff(gather_last(logits, mb.last).float(), answers[rows]))
+            patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][ar, :, mb.last] for l in range(n_layers)], 1)
+            last_attention += [patterns[i, :, :, : int(mb.last[i]) + 1].cpu() for i in range(len(mb))]
     result = {k: torch.cat(v, dim=-1).float().cpu() for k, v in out.items()}
     assert result["head"].shape[:2] == (n_layers, n_heads)
     result["labels"] = labels
+    result["last_attention"] = last_attention
     return result
-
-
-def last_token_attention(model, batch: PromptBatch, heads: list[tuple[int, int]], batch_size: int) -> list[torch.Tensor]:
-    """For each prompt, the attention of its real last token over its real positions, for each
-    of `heads`: a list of [len(heads), n_tokens] tensors."""
-    device = model_device(model)
-    layers = sorted({l for l, _ in heads})
-    names = {f"blocks.{l}.attn.hook_pattern" for l in layers}
-    rows_out = []
-    with torch.no_grad():
-        for rows in micro_batches(len(batch), batch_size):
-            mb = batch.slice(rows).to(device)
-            _, cache = model.run_with_cache(mb.tokens, attention_mask=mb.attention_mask, names_filter=lambda n: n in names)
-            for i in range(len(mb)):
-                last = int(mb.last[i])
-                rows_out.append(torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][i, h, last, : last + 1] for l, h in heads]).cpu())
-    return rows_out
 
 
 def full_attention(model, batch: PromptBatch, index: int, heads: list[tuple[int, int]]) -> torch.Tensor:

@@ -57,6 +57,9 @@ class RunContext:
         from pipeline.model import resolve_device, resolve_dtype
 
         self.cfg = cfg
+        if cfg.metric.name != "logit_diff":
+            # Attribution closes and the fast engine projects on a direction only for a linear metric.
+            raise PipelineError(f"metric={cfg.metric.name!r} is not supported; the stages need logit_diff")
         self.run_dir = Path(run_dir)
         self.device = resolve_device(str(cfg.device))
         self.dtype = resolve_dtype(str(cfg.dtype))

@@ -56,7 +56,8 @@ def build_rows(features=None) -> pd.DataFrame:
 
 def probe(model, rows: pd.DataFrame, batch_size: int, prepend_bos: bool):
     """Matched guise probing: fill best_attr_aae / best_attr_sae, and return the per-row
-    association matrix [rows, attributes] with the attribute names."""
+    log-probabilities of every attribute {"aae": [rows, attributes], "sae": ...}, the attribute
+    names and the attributes dropped for not being one token."""
     attr_ids, dropped = single_token_ids(model, load_attributes())
     if dropped:
         log.info("skipping %d attributes that are not one token for this model: %s", len(dropped), ", ".join(dropped))
@@ -77,7 +78,7 @@ def probe(model, rows: pd.DataFrame, batch_size: int, prepend_bos: bool):
     out = rows.copy()
     out.insert(2, "best_attr_aae", [names[i] for i in assoc.argmax(1)])
     out.insert(3, "best_attr_sae", [names[i] for i in assoc.argmin(1)])
-    return out, assoc, names, dropped
+    return out, logp, names, dropped
 
 
 def association_table(assoc: np.ndarray, names: list[str], features: pd.Series) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import figures
 from pipeline.artifacts import write_atomic, write_figure, write_table, write_tensors
-from pipeline.attribution import attribute, full_attention, last_token_attention
+from pipeline.attribution import attribute, full_attention
 from pipeline.errors import PipelineError
 from pipeline.prompts import role_sort_key
 from pipeline.stats import summarize, summary_table
@@ -86,7 +86,7 @@ def run(ctx) -> None:
     log.info("top heads by clean attribution: %s", ", ".join(f"{r['name']} {r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for _, r in top.iterrows()))
 
     write_figures(ctx, lens, layer, heads, n_layers, n_heads, features)
-    write_attention(ctx, positive, negative)
+    write_attention(ctx, positive, negative, results["clean"]["last_attention"])
 
 
 def band(table: pd.DataFrame, side: str):
@@ -127,7 +127,7 @@ def write_figures(ctx, lens, layer, heads, n_layers, n_heads, features) -> None:
         write_figure(ctx.figures / "head_attribution_by_feature.html", fig)
 
 
-def write_attention(ctx, positive, negative) -> None:
+def write_attention(ctx, positive, negative, last_attention) -> None:
     """circuitsvis views of the example prompt and, per template, the last token's attention over
     role-labelled positions for the top heads."""
     import circuitsvis as cv
@@ -148,7 +148,7 @@ def write_attention(ctx, positive, negative) -> None:
             f"<p>Clean prompt {index}: {batch.prompts[index]!r}</p>\n{view.local_src}</body></html>")
     write_atomic(ctx.figures / "attention_top_heads.html", page)
 
-    rows = last_token_attention(model, batch, heads, int(cfg.batch_size))
+    rows = [att[[l for l, _ in heads], [h for _, h in heads]] for att in last_attention]  # [top heads, tokens]
     templates = list(ctx.dataset["template"]) if "template" in ctx.dataset else ["all prompts"] * len(batch)
     per_template, roles = {}, set()
     for i, att in enumerate(rows):

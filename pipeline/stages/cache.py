@@ -15,10 +15,11 @@ import pandas as pd
 import torch
 
 from pipeline import figures
-from pipeline.artifacts import write_atomic, write_figure, write_json, write_table, write_tensors
+from pipeline.artifacts import read_tensors, safe_open_metadata, write_atomic, write_figure, write_json, write_table, write_tensors
 from pipeline.errors import PipelineError
 from pipeline.forward import map_last_logits
 from pipeline.metrics import logit_diff
+from pipeline.stages.data import GUISE_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,35 @@ def view_text(view: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def logit_diffs_from_probing(ctx) -> dict[str, torch.Tensor] | None:
+    """When the data stage built this dataset it already ran every prompt of both guises and kept
+    log p(attribute); the logit difference of two attributes is their log-probability difference
+    (the log-sum-exp cancels), so the baseline needs no second pass over the prompts."""
+    path = ctx.tensors / GUISE_LOGPROBS
+    if not path.exists():
+        return None
+    logp = read_tensors(path)
+    names = json.loads(safe_open_metadata(path)["columns"])
+    index = {a: i for i, a in enumerate(names)}
+    df, direction = ctx.dataset, ctx.cfg.direction
+    if len(df) != logp["aae"].shape[0]:
+        return None
+    correct = torch.tensor([index[a] for a in df[f"best_attr_{direction.clean}"]])
+    incorrect = torch.tensor([index[a] for a in df[f"best_attr_{direction.corrupted}"]])
+    rows = torch.arange(len(df))
+    out = {}
+    for side, guise in (("clean", direction.clean), ("corrupted", direction.corrupted)):
+        out[side] = logp[guise][rows, correct] - logp[guise][rows, incorrect]
+    return out
+
+
 def run(ctx) -> None:
     model, pairs, bs = ctx.model, ctx.pairs, int(ctx.cfg.batch_size)
-    ld = {}
-    for side in ("clean", "corrupted"):
-        ld[side] = map_last_logits(model, getattr(pairs, side), bs,
-                                   lambda lg, rows: logit_diff(lg, pairs.answers[rows]), desc=f"{side} run")
+    ld = logit_diffs_from_probing(ctx)
+    if ld is None:
+        ld = {side: map_last_logits(model, getattr(pairs, side), bs,
+                                    lambda lg, rows: logit_diff(lg, pairs.answers[rows]), desc=f"{side} run")
+              for side in ("clean", "corrupted")}
     clean_mean, corrupted_mean = float(ld["clean"].mean()), float(ld["corrupted"].mean())
     if abs(clean_mean - corrupted_mean) < 1e-6:
         log.warning("clean and corrupted mean logit differences are equal: the normalized patching metric is undefined")

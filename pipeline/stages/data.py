@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import json
+
 from pipeline import figures
 from pipeline.artifacts import write_figure, write_table, write_tensors
 from pipeline.data.builder import association_table, build_rows, interleave, probe
@@ -12,6 +14,7 @@ from pipeline.data.csv_loader import load_csv
 from pipeline.data.dataset import SEED_COLUMNS, check_attributes, select
 
 log = logging.getLogger(__name__)
+GUISE_LOGPROBS = "guise_logprobs.safetensors"  # log p(attribute | prompt) per row, per side
 
 
 def run(ctx) -> None:
@@ -25,11 +28,12 @@ def run(ctx) -> None:
         log.info("dataset: %d prompts from %s", len(df), cfg.path)
     else:
         rows = select(build_rows(cfg.features), None, cfg.max_prompts)
-        df, assoc, names, dropped = probe(ctx.model, rows, int(ctx.cfg.batch_size), bool(ctx.cfg.model.prepend_bos))
-        table = association_table(assoc, names, df.feature)
+        df, logp, names, dropped = probe(ctx.model, rows, int(ctx.cfg.batch_size), bool(ctx.cfg.model.prepend_bos))
+        table = association_table((logp["aae"] - logp["sae"]).numpy(), names, df.feature)
         write_table(ctx.tables / "attribute_association.csv", table)
-        write_tensors(ctx.tensors / "association.safetensors", {"association": __import__("torch").tensor(assoc)},
-                      metadata={"rows": "dataset.csv rows", "columns": ",".join(names), "dropped": ",".join(dropped)})
+        # The cache stage reads its baseline logit differences from these (same prompts, same runs).
+        write_tensors(ctx.tensors / GUISE_LOGPROBS, logp,
+                      metadata={"rows": "dataset.csv rows", "columns": json.dumps(names), "dropped": json.dumps(dropped)})
         write_figure(ctx.figures / "attribute_association.html", figures.attribute_association(table))
         log.info("dataset: built %d prompts over %d features; top AAE-associated attributes: %s", len(df),
                  df.feature.nunique(), ", ".join(table.attribute.head(5)))

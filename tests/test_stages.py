@@ -1,0 +1,50 @@
+"""Whole runs: the default pipeline end to end on the embedded model (a few prompts, through the
+CLI as a user runs it), and the stages' shortcuts checked against plain forward passes."""
+
+import json
+
+import pandas as pd
+import torch
+
+from pipeline.artifacts import read_tensors
+from pipeline.data.dataset import pair_prompts
+from pipeline.forward import map_last_logits
+from pipeline.metrics import logit_diff
+from pipeline.runner import run
+from conftest import make_cfg, only_run_dir, run_cli
+
+
+def test_embedded_model_end_to_end(tmp_path):
+    result = run_cli(["dataset.max_prompts=6", "patching.max_prompts=2", "patching.sweeps=[resid_pre,head_out]",
+                      "attribution.bootstrap=200", "patching.bootstrap=200"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["model"]["source"] == "embedded" and manifest["device"] == "cpu"
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    assert set(manifest["stages"]) == {"data", "cache", "attribution", "patching", "report"}
+    dataset = pd.read_csv(run_dir / "dataset.csv")
+    assert list(dataset.columns[:4]) == ["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae"]
+    assert {"feature", "template"} <= set(dataset.columns) and len(dataset) == 6
+    assert dataset.feature.nunique() == 6  # the subset spreads over features
+    for name in ("report.html", "run.log", ".hydra/config.yaml", "tables/logit_diff.csv", "tables/test_prompt.txt",
+                 "tables/attribute_association.csv", "tables/head_attribution.csv", "tables/patch_resid_pre.csv",
+                 "tables/attrpatch_agreement.csv", "tensors/patch_resid_pre.safetensors",
+                 "figures/logit_lens.html", "figures/patch_head_out.html", "figures/attention_top_heads.html"):
+        assert (run_dir / name).exists(), name
+    heads = pd.read_csv(run_dir / "tables" / "head_attribution.csv")
+    assert len(heads) == 30 * 9 and (heads.ci_low <= heads["mean"]).all() and (heads["mean"] <= heads.ci_high).all()
+    assert "layer attribution closes" in (run_dir / "run.log").read_text()
+
+
+def test_baseline_from_probing_equals_forward_passes(tmp_path, tiny_model):
+    for direction in ("aae_clean", "sae_clean"):
+        cfg = make_cfg(["model=tiny", "dataset.max_prompts=9", f"direction={direction}", "stage.stages=[data,cache]"])
+        run(cfg, tmp_path / direction)
+        base = read_tensors(tmp_path / direction / "tensors" / "baseline.safetensors")
+        df = pd.read_csv(tmp_path / direction / "dataset.csv", dtype=str, keep_default_na=False)
+        pairs = pair_prompts(tiny_model, df, cfg.direction, True)
+        for side in ("clean", "corrupted"):
+            forward = map_last_logits(tiny_model, getattr(pairs, side), 4, lambda lg, r: logit_diff(lg, pairs.answers[r]))
+            torch.testing.assert_close(base[f"{side}_logit_diff"], forward, atol=1e-4, rtol=0)
