@@ -78,3 +78,20 @@ def test_fast_engine_equals_reference_on_embedded_model(embedded_model):
         fast, _ = run_cells(model, pairs, cells, 4, fast=True)
         ref, _ = run_cells(model, pairs, cells, 4, fast=False)
         torch.testing.assert_close(fast.nan_to_num(), ref.nan_to_num(), atol=1e-4, rtol=0)
+
+
+def test_attribution_patching_tracks_exact_patching(tiny_model):
+    from pipeline.patching.attribution_patching import estimate
+    from pipeline.stages.patching import agreement_scores
+
+    pairs = pair_prompts(tiny_model, small_dataset(6), make_cfg([]).direction, True)
+    approx = estimate(tiny_model, pairs, ["resid_pre", "output"], batch_size=3)
+    for part in ("resid_pre", "output"):
+        exact = ours(tiny_model, pairs, part)
+        assert torch.equal(torch.isnan(exact), torch.isnan(approx[part]))
+        scores = agreement_scores(exact.nanmean(-1).flatten().numpy(), approx[part].nanmean(-1).flatten().numpy())
+        assert scores["pearson_r"] > 0.7, (part, scores)
+    # A shared-prefix position has clean == corrupted activations: the estimate is no change at all.
+    first = pairs.role_names.index("pre1")
+    unpatched = ours(tiny_model, pairs, "resid_pre")[0, first]
+    torch.testing.assert_close(approx["resid_pre"][0, first], unpatched, atol=1e-4, rtol=0)

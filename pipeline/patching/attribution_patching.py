@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.forward import model_device
-from pipeline.metrics import gather_last, logit_diff
+from pipeline.forward import last_token_logits, model_device
+from pipeline.metrics import logit_diff
 from pipeline.patching.sweeps import PARTS, all_position_pairs, axis_size
 from pipeline.prompts import PairedPrompts, micro_batches
 
@@ -53,9 +53,8 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
                 return x.detach().requires_grad_(True)
 
             with torch.enable_grad():
-                logits = model.run_with_hooks(corrupted.tokens, attention_mask=corrupted.attention_mask,
-                                              fwd_hooks=[("hook_embed", leaf)] + [(h, keeper(h)) for h in sorted(hooks)])
-                ld = logit_diff(gather_last(logits, corrupted.last).float(), answers)
+                last_logits = last_token_logits(model, corrupted, [("hook_embed", leaf)] + [(h, keeper(h)) for h in sorted(hooks)])
+                ld = logit_diff(last_logits.float(), answers)
                 ld.sum().backward()  # prompts do not interact, so each row's gradient is its own
             ld = ld.detach().cpu()
             with torch.no_grad():
@@ -65,7 +64,7 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
                         delta = estimate_cell_changes(part, clean_cache[name].detach(), saved[name].detach(), saved[name].grad,
                                                       pairs.clean_pos[rows], pairs.corrupted_pos[rows], all_pos[rows])
                         out[part][layer, :, rows] = ld[None, :] + delta.detach().cpu()
-            del saved, clean_cache, logits
+            del saved, clean_cache, last_logits
     finally:
         for p, g in zip(model.parameters(), grads_were):
             p.requires_grad_(g)
