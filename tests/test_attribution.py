@@ -22,7 +22,7 @@ def test_layer_attribution_sums_to_logit_diff(which, request):
     torch.testing.assert_close(r["logit_lens"][-1], r["model_logit_diff"], atol=1e-3, rtol=0)
     attn = [i for i, label in enumerate(r["labels"]["layer"]) if label.endswith("attn_out")]
     b_O = getattr(model.blocks[0].attn, "b_O", None)
-    if b_O is None or float(b_O.abs().max()) == 0:
+    if b_O is None or float(b_O.detach().abs().max()) == 0:
         torch.testing.assert_close(r["head"].sum(1), r["layer"][attn], atol=1e-3, rtol=0)
 
 
