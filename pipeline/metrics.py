@@ -31,11 +31,20 @@ def logit_diff_directions(model, answers: torch.Tensor) -> tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class Anchors:
-    """Mean clean and corrupted logit differences: the two ends of the patching metric."""
+    """Mean clean and corrupted logit differences (the two ends of the patching metric) and each
+    prompt's own corrupted logit difference."""
 
     clean: float
     corrupted: float
+    corrupted_per_prompt: torch.Tensor  # [n_prompts]
+
+    @classmethod
+    def from_logit_diffs(cls, clean: torch.Tensor, corrupted: torch.Tensor) -> "Anchors":
+        return cls(float(clean.mean()), float(corrupted.mean()), corrupted.float())
 
     def normalize(self, ld: torch.Tensor) -> torch.Tensor:
-        """Per-prompt normalized metric; its mean equals the notebook's metric on the batch mean."""
-        return (ld - self.corrupted) / (self.clean - self.corrupted)
+        """[..., n_prompts] patched logit differences -> (ld - that prompt's corrupted value) /
+        (clean mean - corrupted mean). Over all prompts the mean equals the notebook's metric,
+        (mean ld - corrupted mean) / (clean mean - corrupted mean); over the prompts that have a
+        role it is still 0 when the patch changes nothing, whichever prompts those are."""
+        return (ld - self.corrupted_per_prompt) / (self.clean - self.corrupted)

@@ -95,3 +95,16 @@ def test_attribution_patching_tracks_exact_patching(tiny_model):
     first = pairs.role_names.index("pre1")
     unpatched = ours(tiny_model, pairs, "resid_pre")[0, first]
     torch.testing.assert_close(approx["resid_pre"][0, first], unpatched, atol=1e-4, rtol=0)
+
+
+def test_normalized_metric_is_the_notebooks_and_zero_when_nothing_changes():
+    from pipeline.metrics import Anchors
+
+    clean, corrupted = torch.tensor([2.0, 1.0, 3.0, 0.5]), torch.tensor([0.0, -1.0, 1.0, -2.0])
+    anchors = Anchors.from_logit_diffs(clean, corrupted)
+    patched = torch.tensor([1.0, 0.0, 2.5, -1.0])
+    notebook = (patched.mean() - corrupted.mean()) / (clean.mean() - corrupted.mean())
+    torch.testing.assert_close(anchors.normalize(patched).mean(), notebook)
+    torch.testing.assert_close(anchors.normalize(clean).mean(), torch.tensor(1.0))
+    # A patch that changes nothing reads 0 on any subset of prompts (e.g. those that have a role).
+    assert torch.equal(anchors.normalize(corrupted)[[1, 3]], torch.zeros(2))

@@ -54,8 +54,7 @@ class PartCheckpoint:
 def anchors_for(ctx, n: int) -> Anchors:
     """Mean clean and corrupted logit differences of the first n prompts (from the cache stage)."""
     base = read_tensors(ctx.tensors / "baseline.safetensors")
-    clean, corrupted = base["clean_logit_diff"][:n], base["corrupted_logit_diff"][:n]
-    anchors = Anchors(float(clean.mean()), float(corrupted.mean()))
+    anchors = Anchors.from_logit_diffs(base["clean_logit_diff"][:n], base["corrupted_logit_diff"][:n])
     if abs(anchors.clean - anchors.corrupted) < 1e-6:
         raise PipelineError("clean and corrupted mean logit differences are equal on the patching prompts: the normalized metric is undefined")
     return anchors
