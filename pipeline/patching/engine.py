@@ -59,7 +59,8 @@ class PreparedBatch:
     """One micro-batch: its clean activations for the sweep's hooks, and (fast engine) the
     corrupted run's recorded block inputs."""
 
-    def __init__(self, model, pairs: PairedPrompts, rows: slice, hooks: set[str], fast: bool):
+    def __init__(self, model, pairs: PairedPrompts, rows: slice, hooks: set[str], fast: bool,
+                 all_pos: list[tuple[torch.Tensor, torch.Tensor]]):
         device = model_device(model)
         self.rows = rows
         self.clean = pairs.clean.slice(rows).to(device)
@@ -68,7 +69,7 @@ class PreparedBatch:
         self.answers = pairs.answers[rows].to(device)
         self.clean_pos = pairs.clean_pos[rows]
         self.corrupted_pos = pairs.corrupted_pos[rows]
-        self.all_pos = all_position_pairs(pairs)[rows]
+        self.all_pos = all_pos[rows]
         self.direction, self.bias = logit_diff_directions(model, self.answers)
         with torch.no_grad():
             _, cache = model.run_with_cache(self.clean.tokens, attention_mask=self.clean.attention_mask,
@@ -236,6 +237,7 @@ def run_cells(model, pairs: PairedPrompts, cells: list[Cell], batch_size: int, f
         done = torch.zeros(len(chunks), len(cells), dtype=torch.bool)
         values = torch.full((len(cells), len(pairs)), float("nan"))
     hooks = {c.hook for c in cells}
+    all_pos = all_position_pairs(pairs)
     groups: dict[tuple[str, int], list[int]] = {}
     for i, cell in enumerate(cells):
         groups.setdefault((cell.part, cell.layer), []).append(i)
@@ -243,7 +245,7 @@ def run_cells(model, pairs: PairedPrompts, cells: list[Cell], batch_size: int, f
     for b, rows in enumerate(chunks):
         if bool(done[b].all()):
             continue
-        prepared = PreparedBatch(model, pairs, rows, hooks, fast)
+        prepared = PreparedBatch(model, pairs, rows, hooks, fast, all_pos)
         for members in groups.values():
             todo = [i for i in members if not done[b, i]]
             if not todo:
@@ -261,12 +263,3 @@ def run_cells(model, pairs: PairedPrompts, cells: list[Cell], batch_size: int, f
         del prepared
     bar.close()
     return values, done
-
-
-def corrupted_and_clean_ld(model, pairs: PairedPrompts, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpatched logit differences of both sides, per prompt (the normalization anchors)."""
-    from pipeline.forward import map_last_logits
-
-    clean = map_last_logits(model, pairs.clean, batch_size, lambda lg, r: logit_diff(lg, pairs.answers[r]))
-    corrupted = map_last_logits(model, pairs.corrupted, batch_size, lambda lg, r: logit_diff(lg, pairs.answers[r]))
-    return clean, corrupted

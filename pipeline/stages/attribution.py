@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 CLOSURE_ATOL = 1e-3
 
 
-def head_names(n_layers: int, n_heads: int) -> list[str]:
-    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
-
-
 def top_heads(mean: torch.Tensor, k: int, sign: int) -> list[tuple[int, int]]:
     flat = (mean * sign).flatten()
     idx = torch.topk(flat, min(k, flat.numel())).indices
