@@ -29,12 +29,14 @@ def select(df: pd.DataFrame, features=None, max_prompts=None) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def check_attributes(model, df: pd.DataFrame, where: str) -> None:
-    """Every answer must be one token (with its leading space) for this model's tokenizer."""
+def check_attributes(model, df: pd.DataFrame, where: str) -> dict[str, int]:
+    """Every answer must be one token (with its leading space) for this model's tokenizer; returns
+    each answer's token id."""
     words = sorted(set(df.best_attr_aae) | set(df.best_attr_sae))
-    _, bad = single_token_ids(model, words)
+    ids, bad = single_token_ids(model, words)
     if bad:
         raise PipelineError(f"{where}: attributes that are not one token for this model's tokenizer: {', '.join(repr(' ' + w) for w in bad)}")
+    return ids
 
 
 def splits_for(df: pd.DataFrame, side: str) -> list[tuple[str, str, str]]:
@@ -58,9 +60,7 @@ def pair_prompts(model, df: pd.DataFrame, direction, prepend_bos: bool) -> Paire
     the sides and the answer order and nothing else."""
     clean, corrupt = direction.clean, direction.corrupted
     answer_words = list(zip(df[f"best_attr_{clean}"], df[f"best_attr_{corrupt}"]))
-    ids, bad = single_token_ids(model, sorted({w for pair in answer_words for w in pair}))
-    if bad:
-        raise PipelineError(f"dataset: attributes that are not one token for this model's tokenizer: {', '.join(repr(' ' + w) for w in bad)}")
+    ids = check_attributes(model, df, "dataset")
     answers = torch.tensor([[ids[a], ids[b]] for a, b in answer_words])
     clean_batch = tokenize(model, list(df[f"prompt_{clean}"]), splits_for(df, clean), prepend_bos)
     corrupt_batch = tokenize(model, list(df[f"prompt_{corrupt}"]), splits_for(df, corrupt), prepend_bos)
