@@ -54,6 +54,17 @@ def line(values: dict[str, np.ndarray], labels: list[str], title: str, bands: di
     return fig
 
 
+def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str, x_title: str, y_title: str,
+            hover: np.ndarray | None = None, zmax: float | None = None) -> go.Figure:
+    """A diverging heatmap centred on 0; `hover` gives each cell's text."""
+    zmax = zmax or float(np.nanmax(np.abs(z))) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=DIVERGING, zmid=0, zmin=-zmax, zmax=zmax,
+                               text=hover, hovertemplate="%{text}<extra></extra>" if hover is not None else None))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, width=900, height=600,
+                      yaxis_autorange="reversed")
+    return fig
+
+
 def faceted_heatmaps(zs: list[np.ndarray], facet_titles: list[str], x, y: list[str], title: str,
                      x_title: str, y_title: str, hovers: list[np.ndarray] | None = None) -> go.Figure:
     """Heatmaps side by side with one shared diverging scale (the notebook's facet_col plots).
