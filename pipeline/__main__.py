@@ -16,9 +16,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from pipeline.config import CONF_DIR
 from pipeline.errors import PipelineError
 
-CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("model", "dataset", "direction", "metric", "stage", "experiment")
 log = logging.getLogger("pipeline")
 
@@ -28,8 +28,20 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def user_config_dirs(argv: list[str]) -> list[Path]:
+    """Folders given with Hydra's --config-dir / -cd (a user's own presets, kept outside the repo)."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    return dirs
+
+
 def check_group_choices(argv: list[str]) -> None:
     """Name an unknown config-group option in one line, before Hydra prints its long message."""
+    roots = [CONF_DIR, *user_config_dirs(argv)]
     for arg in argv:
         if "=" not in arg or arg.startswith("hydra"):
             continue
@@ -37,14 +49,14 @@ def check_group_choices(argv: list[str]) -> None:
         group = key.lstrip("+~")
         if group not in GROUPS:
             continue
-        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        known = sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
         for choice in value.strip("[]").split(","):
             if choice and choice not in known and not choice.startswith(("range(", "choice(", "glob(")):
                 hint = " (or keep a model config and set model.name=<hub name or local dir>)" if group == "model" else ""
                 fail(f"unknown {group} {choice!r}: choose from {', '.join(known)}{hint}")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg) -> None:
     from pipeline.runner import run
 

@@ -16,15 +16,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIALECT_CIRCUITS_CACHE", tempfile.mkdtemp(prefix="dialect-circuits-test-cache-"))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_cfg(overrides: list[str] | None = None):
     """The composed config, as the CLI would compose it (without Hydra's run-time fields)."""
-    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+    from pipeline.config import compose
+
+    return compose(overrides)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
+from pipeline.config import compose
 from omegaconf import OmegaConf
 
 from conftest import REPO, make_cfg, run_cli
@@ -105,9 +105,7 @@ def test_command_line_wins_over_an_experiment():
 
 def test_slurm_preset_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
-    with initialize_config_module(config_module="pipeline.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+    cfg = compose(["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.partition == "gpu"
