@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, make_cfg, run_cli
 
 TINY_CACHE = ["model=tiny", "stage=cache", "dataset.max_prompts=8"]
-EXPERIMENTS = sorted(p.stem for p in (REPO / "pipeline" / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 FEATURES = sorted(pd.read_csv(REPO / "pipeline" / "data" / "pairs.csv").feature.unique())
 
 
