@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from markupsafe import Markup
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import PLOTLY_JS, ensure_plotly_js, read_json, write_atomic, write_table
 from pipeline.errors import PipelineError
+from pipeline.pages import render
 
 # Columns that hold a statistic of a component; every other column names the component, except
 # one named <statistic>_<group> (mean_finna: the mean over one feature's prompts) and one of
@@ -250,40 +252,22 @@ def correlation(joined: pd.DataFrame, runs: list[Run]) -> str:
     return f"Pearson r between {runs[0].label} and {runs[1].label}: {both[a].corr(both[b]):.3f} over {len(both)} components. "
 
 
-def page(runs: list[Run], sections: list[str], skipped: list[str]) -> str:
-    head = "".join(
-        f"<tr><td>{html.escape(run.label)}</td><td>{html.escape(str(run.path))}</td>"
-        f"<td>{html.escape(str(run.manifest.get('model', {}).get('name')))}</td>"
-        f"<td>{html.escape(str(run.manifest.get('direction')))}</td>"
-        f"<td>{html.escape(str(run.manifest.get('dataset_hash'))[:12])}</td>"
-        f"<td>{html.escape(str(run.manifest.get('device')))}</td><td>{html.escape(str(run.manifest.get('status')))}</td></tr>"
-        for run in runs)
-    notes = "".join(f"<li>{html.escape(s)}</li>" for s in skipped)
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>dialect-circuits comparison</title>
-<script src="{PLOTLY_JS}"></script>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} .figs{{display:flex;flex-wrap:wrap;gap:1em}}</style>
-</head><body>
-<h1>Comparison of {len(runs)} runs</h1>
-<table><tr><th>label</th><th>run directory</th><th>model</th><th>direction</th><th>dataset</th><th>device</th><th>status</th></tr>
-{head}</table>
-<p>Differences are taken against the first run. Each table's CSV is in <code>tables/</code>.</p>
-{''.join(sections)}
-{f'<h2>Not compared</h2><ul>{notes}</ul>' if notes else ''}
-</body></html>
-"""
+def page(runs: list[Run], sections: list[dict], skipped: list[str]) -> str:
+    shown = [{"label": run.label, "path": str(run.path), "model": str(run.manifest.get("model", {}).get("name")),
+              "direction": str(run.manifest.get("direction")), "dataset": str(run.manifest.get("dataset_hash")),
+              "device": str(run.manifest.get("device")), "status": str(run.manifest.get("status"))} for run in runs]
+    return render("comparison.html.j2", runs=shown, sections=sections, skipped=skipped, plotly_js=PLOTLY_JS)
 
 
-def section(name: str, joined: pd.DataFrame, names: pd.Series, runs: list[Run]) -> str:
+def section(name: str, joined: pd.DataFrame, names: pd.Series, runs: list[Run]) -> dict:
+    """What comparison.html shows of one table: its figures (plotly divs) and a line about it."""
     figs = [top_bar(joined, names, runs, name)]
     if len(runs) == 2:
         figs.insert(0, scatter(joined, names, runs, name))
-    divs = "".join(f.to_html(include_plotlyjs=False, full_html=False) for f in figs)
-    top = ", ".join(names[joined.max_abs_diff.notna()].head(5))
-    return (f"<h2>{html.escape(name)}</h2><p>{len(joined)} components. {html.escape(correlation(joined, runs))}"
-            f"Largest differences: {html.escape(top)}. <a href=\"tables/compare_{html.escape(name)}.csv\">CSV</a></p>"
-            f"<div class=\"figs\">{divs}</div>")
+    return {"name": name, "n": len(joined), "correlation": correlation(joined, runs),
+            "top": ", ".join(names[joined.max_abs_diff.notna()].head(5)), "csv": f"tables/compare_{name}.csv",
+            # plotly's own HTML, trusted: the template inserts it unescaped
+            "figures": [Markup(f.to_html(include_plotlyjs=False, full_html=False)) for f in figs]}
 
 
 def page_order(name: str) -> tuple[int, str]:

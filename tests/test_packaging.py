@@ -20,6 +20,8 @@ def test_wheel_carries_the_configs_and_the_installed_command_finds_them(tmp_path
     repo_yaml = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     assert {f"pipeline/conf/{n}" for n in repo_yaml} <= names
     assert "pipeline/data/pairs.csv" in names
+    templates = {p.relative_to(REPO).as_posix() for p in (REPO / "pipeline" / "templates").rglob("*") if p.is_file()}
+    assert templates and templates <= names, templates - names
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -33,6 +35,9 @@ def test_wheel_carries_the_configs_and_the_installed_command_finds_them(tmp_path
                          cwd=elsewhere, env=env, capture_output=True, text=True)
     assert job.returncode == 0, job.stderr
     assert "name: sae_clean" in job.stdout
+    page = subprocess.run([sys.executable, "-c", "from pathlib import Path; from pipeline.stages.report import build_report; "
+                           "print(build_report(Path('.')))"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert page.returncode == 0 and "How to read this run" in page.stdout, page.stderr
 
 
 def test_users_own_presets_come_in_with_config_dir(tmp_path):

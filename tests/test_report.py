@@ -212,3 +212,15 @@ def test_report_renders_in_headless_chromium_offline(run_dir, tmp_path):
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
     if os.environ.get("REPORT_SCREENSHOT"):   # keep a copy to look at: REPORT_SCREENSHOT=/tmp/report.png
         shutil.copy(screenshot, os.environ["REPORT_SCREENSHOT"])
+
+
+def test_the_page_escapes_what_the_run_holds(tmp_path):
+    """The templates autoescape: text from the run's files is shown, never run as markup."""
+    run_dir = tmp_path / "odd"
+    write_json(run_dir / "manifest.json", {"model": {"name": "<script>alert(1)</script>"}, "direction": "aae_clean",
+                                           "status": "failed", "stages": {"data": {"status": "failed",
+                                                                                   "error": 'bad "x" & <b>y</b>'}}})
+    report.run(make_ctx(run_dir))
+    page = (run_dir / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;y&lt;/b&gt;" in page and "&amp;" in page
