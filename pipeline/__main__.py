@@ -40,7 +40,8 @@ def user_config_dirs(argv: list[str]) -> list[Path]:
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """Name an unknown config-group option in one line, before Hydra prints its long message."""
+    """Name an unknown config-group option in one line (a PipelineError), before Hydra prints its
+    long message. pipeline/api.py checks its overrides with it too."""
     roots = [CONF_DIR, *user_config_dirs(argv)]
     for arg in argv:
         if "=" not in arg or arg.startswith("hydra"):
@@ -53,7 +54,7 @@ def check_group_choices(argv: list[str]) -> None:
         for choice in value.strip("[]").split(","):
             if choice and choice not in known and not choice.startswith(("range(", "choice(", "glob(")):
                 hint = " (or keep a model config and set model.name=<hub name or local dir>)" if group == "model" else ""
-                fail(f"unknown {group} {choice!r}: choose from {', '.join(known)}{hint}")
+                raise PipelineError(f"unknown {group} {choice!r}: choose from {', '.join(known)}{hint}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -75,7 +76,10 @@ def main() -> None:
         from pipeline import tools
 
         sys.exit(tools.main(argv))
-    check_group_choices(argv)
+    try:
+        check_group_choices(argv)
+    except PipelineError as err:
+        fail(str(err))
     hydra_main()
 
 

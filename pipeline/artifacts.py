@@ -1,6 +1,6 @@
 """Writing into a run directory: every file is written to a temporary name and renamed, so a
 reader never sees half a file. Tensors go to safetensors, tables to CSV, figures to plotly HTML
-that loads plotly.js from a copy inside the run (no CDN)."""
+that loads plotly.js from a copy inside the run (no CDN), each with its plotly JSON beside it."""
 
 from __future__ import annotations
 
@@ -68,11 +68,20 @@ def ensure_plotly_js(figures_dir: Path) -> None:
 
 
 def write_figure(path: Path, fig) -> Path:
-    """A plotly figure as a standalone HTML page next to the run's copy of plotly.js."""
+    """A plotly figure as a standalone HTML page next to the run's copy of plotly.js, and as
+    plotly's own JSON beside it (`name.json`), which `read_figure` turns back into the Figure."""
     path = Path(path)
     ensure_plotly_js(path.parent)
+    write_atomic(path.with_suffix(".json"), fig.to_json())  # first: an HTML page always has its JSON
     html = fig.to_html(include_plotlyjs="directory", full_html=True)
     return write_atomic(path, html)
+
+
+def read_figure(path: Path):
+    """The plotly Figure that write_figure stored as JSON at `path`."""
+    import plotly.io
+
+    return plotly.io.read_json(str(path))
 
 
 def file_hash(path: Path) -> str:

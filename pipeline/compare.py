@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -284,46 +285,79 @@ def default_out(runs: list[Run]) -> Path:
     return out
 
 
-def compare(dirs: list[str], out: str | None, allow_different_datasets: bool) -> Path:
+@dataclass
+class Comparison:
+    """What `compare` computes, before any page: the runs (labelled), each compared table joined
+    across them, each table's component names, and the tables that could not be compared."""
+
+    runs: list[Run]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    names: dict[str, pd.Series] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def open_runs(dirs: list[str], allow_different_datasets: bool) -> list[Run]:
+    """The runs of `dirs`, labelled, refused when their datasets differ (unless allowed)."""
     runs = find_runs(dirs)
     label_runs(runs)
     if not allow_different_datasets:
         check_same_dataset(runs)
-    out_dir = Path(out) if out else default_out(runs)
-    for run in runs:
-        print(f"  {run.label}: {run.path} ({run.manifest.get('status')})")
-        if run.manifest.get("status") != "complete":
-            print(f"  note: {run.label} did not finish (status {run.manifest.get('status')}); its tables may be partial")
+    return runs
 
-    names = sorted(set.union(*(run.table_names() for run in runs)), key=page_order)
-    sections, skipped = [], []
-    for name in names:
+
+def comparison(runs: list[Run]) -> Comparison:
+    """Every per-component table the runs have, joined across them (shared by the command and
+    pipeline/api.py; it prints nothing and writes nothing)."""
+    result = Comparison(runs)
+    for name in sorted(set.union(*(run.table_names() for run in runs)), key=page_order):
         having = [run for run in runs if name in run.table_names()]
         tables = [read_table(run, name) for run in having]
         if tables[0] is None:
             continue  # not a per-component table (no mean column)
         if len(having) < len(runs):
             missing = [run.label for run in runs if run not in having]
-            skipped.append(f"tables/{name}.csv: missing in {', '.join(missing)}")
+            result.skipped.append(f"tables/{name}.csv: missing in {', '.join(missing)}")
             continue
         joined = join_runs(tables, runs)
         if isinstance(joined, str):
-            skipped.append(f"tables/{name}.csv: {joined}")
+            result.skipped.append(f"tables/{name}.csv: {joined}")
             continue
         if joined["max_abs_diff"].isna().all():
-            skipped.append(f"tables/{name}.csv: no component is in every run")
+            result.skipped.append(f"tables/{name}.csv: no component is in every run")
             continue
-        names = component_names(joined, key_columns(tables[0]))
-        write_table(out_dir / "tables" / f"compare_{name}.csv", joined)
-        sections.append(section(name, joined, names, runs))
-        print(f"  {name}: {len(joined)} components; largest difference {joined['max_abs_diff'].max():.4g} "
-              f"({names.iloc[0]})")
-    if not sections:
+        result.tables[name] = joined
+        result.names[name] = component_names(joined, key_columns(tables[0]))
+    if not result.tables:
         raise PipelineError(f"the runs share no per-component table to compare ({', '.join(str(r.path) for r in runs)})")
-    for note in skipped:
-        print(f"  skipped {note}")
+    return result
+
+
+def write_comparison(result: Comparison, out_dir: Path) -> Path:
+    """tables/compare_<name>.csv and comparison.html (with its plotly.js) into out_dir."""
+    out_dir = Path(out_dir)
+    sections = []
+    for name, joined in result.tables.items():
+        write_table(out_dir / "tables" / f"compare_{name}.csv", joined)
+        sections.append(section(name, joined, result.names[name], result.runs))
     ensure_plotly_js(out_dir)
-    write_atomic(out_dir / "comparison.html", page(runs, sections, skipped))
+    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped))
+    return out_dir
+
+
+def compare(dirs: list[str], out: str | None, allow_different_datasets: bool) -> Path:
+    runs = open_runs(dirs, allow_different_datasets)
+    out_dir = Path(out) if out else default_out(runs)
+    for run in runs:
+        print(f"  {run.label}: {run.path} ({run.manifest.get('status')})")
+        if run.manifest.get("status") != "complete":
+            print(f"  note: {run.label} did not finish (status {run.manifest.get('status')}); its tables may be partial")
+    result = comparison(runs)
+    for name, joined in result.tables.items():
+        print(f"  {name}: {len(joined)} components; largest difference {joined['max_abs_diff'].max():.4g} "
+              f"({result.names[name].iloc[0]})")
+    for note in result.skipped:
+        print(f"  skipped {note}")
+    write_comparison(result, out_dir)
     print(f"comparison: {out_dir / 'comparison.html'}")
     return out_dir
 

@@ -53,10 +53,11 @@ class RunContext:
     """What a stage sees: the config, the run directory, and the model, dataset and prompt pairs,
     each made on first use (a report-only run never loads a model)."""
 
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, load_model=None):
         from pipeline.model import resolve_device, resolve_dtype
 
         self.cfg = cfg
+        self.load_model = load_model  # None: pipeline.model.load_model (pipeline/api.py passes its cache)
         if cfg.metric.name != "logit_diff":
             # Attribution closes and the fast engine projects on a direction only for a linear metric.
             raise PipelineError(f"metric={cfg.metric.name!r} is not supported; the stages need logit_diff")
@@ -72,7 +73,7 @@ class RunContext:
         from pipeline.model import load_model
 
         torch.manual_seed(int(self.cfg.seed))
-        return load_model(self.cfg.model, self.device, self.dtype)
+        return (self.load_model or load_model)(self.cfg.model, self.device, self.dtype)
 
     @cached_property
     def dataset(self):
@@ -91,7 +92,7 @@ class RunContext:
 
 
 class Manifest:
-    def __init__(self, path: Path, cfg):
+    def __init__(self, path: Path, cfg, command: str | None = None):
         self.path = path
         self.hash = config_hash(cfg)
         if path.exists():
@@ -107,7 +108,7 @@ class Manifest:
 
             self.data = {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv),
+                "command": command or " ".join(sys.argv),
                 "config_hash": self.hash,
                 "versions": versions(),
                 "model": model_identity(cfg.model),
@@ -138,12 +139,14 @@ def stage_function(name: str):
     return importlib.import_module(f"pipeline.stages.{name}").run
 
 
-def run(cfg, run_dir: Path) -> dict:
-    """Run the stages of `cfg.stage` in `run_dir`; returns the manifest."""
+def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict:
+    """Run the stages of `cfg.stage` in `run_dir`; returns the manifest. `load_model(model_cfg,
+    device, dtype)` replaces pipeline.model.load_model and `command` the command line recorded in
+    the manifest (both for pipeline/api.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir / "manifest.json", cfg)
-    ctx = RunContext(cfg, run_dir)
+    manifest = Manifest(run_dir / "manifest.json", cfg, command)
+    ctx = RunContext(cfg, run_dir, load_model)
     manifest.data["device"] = ctx.device
     manifest.data["status"] = "running"
     manifest.save()
