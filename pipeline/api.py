@@ -291,12 +291,12 @@ class Run:
         if stage is None:
             why = "no stage is known to write it"
         elif status is None:
-            why = f"the {stage} stage writes it, and this run did not run it (run it with stage={stage})"
+            why = f"the {stage} stage writes it and did not run here (stage={stage} runs it)"
         elif status == "done":
             why = f"the {stage} stage ran without writing it (its config keys choose what it writes)"
         else:
             error = self.manifest["stages"][stage].get("error")
-            why = f"the {stage} stage writes it, and it is {status} in this run" + (f" ({error})" if error else "")
+            why = f"the {stage} stage writes it and is {status} here" + (f" ({error})" if error else "")
         raise PipelineError(f"{self.dir} has no {shown}: {why}; stages done: {', '.join(self.stages_done) or 'none'}")
 
     def __repr__(self) -> str:
