@@ -160,7 +160,11 @@ def compare(runs: list, out: str | Path | None = None, allow_different_datasets:
     from pipeline import compare as comparing
 
     dirs = [str(r.dir if isinstance(r, Run) else r) for r in runs]
-    result = comparing.comparison(comparing.open_runs(dirs, allow_different_datasets))
+    runs = comparing.open_runs(dirs, allow_different_datasets)
+    for run in runs:
+        if run.manifest.get("status") != "complete":
+            log.warning("%s did not finish (status %s); its tables may be partial", run.label, run.manifest.get("status"))
+    result = comparing.comparison(runs)
     if out is not None:
         comparing.write_comparison(result, Path(out))
     return result

@@ -108,7 +108,8 @@ def check_same_dataset(runs: list[Run]) -> None:
 def label_runs(runs: list[Run]) -> None:
     """Name each run by what differs in its config: direction and model names, else key=value."""
     keys = list(dict.fromkeys(k for run in runs for k in run.config))
-    differing = [k for k in keys if len({run.config.get(k) for run in runs}) > 1]
+    # `stage` chooses which stages run, not what they compute (runner.NOT_HASHED): never a label.
+    differing = [k for k in keys if len({run.config.get(k) for run in runs}) > 1 and k.split(".")[0] != "stage"]
 
     def implied(key: str) -> bool:
         # The rest of a model or direction config follows from its name.

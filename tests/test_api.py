@@ -124,6 +124,10 @@ def test_compare_gives_the_commands_tables(tmp_path):
 
     a = make_run(tmp_path / "a", "aae_clean")
     b = make_run(tmp_path / "b", "sae_clean", shift=1.0)
+    for run, stage in ((a, "cache"), (b, "attribution")):  # which stages ran: not part of a label
+        cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+        cfg.stage = {"name": stage}
+        OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     assert tools.main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
     result = api.compare([api.load_run(a), b])
     written = sorted(p.name for p in (tmp_path / "cmp" / "tables").iterdir())
