@@ -94,6 +94,9 @@ def run(overrides: list[str] | None = None, run_dir: str | Path | None = None) -
     from pipeline.config import CONF_DIR
     from pipeline.rerun import hydra_quote
 
+    if GlobalHydra.instance().is_initialized():
+        raise PipelineError("Hydra is already initialized in this process (inside a hydra.initialize context?): "
+                            "call api.run outside it; it composes conf/ itself")
     overrides = [str(o) for o in (overrides or [])]
     flags = [o for o in overrides if o.startswith("-")]
     if flags:

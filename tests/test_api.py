@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import runpy
-from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
@@ -94,6 +93,13 @@ def test_errors_are_the_commands_one_line_and_failed_runs_open(tmp_path, monkeyp
         api.run(["-m", "direction=aae_clean,sae_clean"])
     with pytest.raises(PipelineError, match="Could not override 'nokey'"):
         api.run(["nokey=1"])
+    from hydra import initialize_config_dir
+
+    from pipeline.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with pytest.raises(PipelineError, match="Hydra is already initialized"):
+            api.run(["model=tiny"])
 
     with pytest.raises(PipelineError, match="unknown sweep|bogus"):
         api.run(["model=tiny", "dataset.max_prompts=4", "stage=patching", "patching.sweeps=[bogus]"],
