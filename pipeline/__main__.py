@@ -76,8 +76,11 @@ def main() -> None:
         from pipeline import tools
 
         sys.exit(tools.main(argv))
+    from pipeline import validation
+
     try:
         check_group_choices(argv)
+        validation.check_overrides(argv, user_config_dirs(argv))
     except PipelineError as err:
         fail(str(err))
     hydra_main()

@@ -8,10 +8,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+# pandas, torch and safetensors are imported where used: the runner imports this module, and a
+# run refused for bad input should not pay for them (pipeline/validation.py).
 
 PLOTLY_JS = "plotly.min.js"
 
@@ -38,6 +42,8 @@ def write_table(path: Path, df: pd.DataFrame) -> Path:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -47,6 +53,8 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 

@@ -142,3 +142,24 @@ def model_identity(model_cfg) -> dict:
     if model_cfg.source == "tiny":
         ident["dir"] = str(model_cfg.dir)
     return ident
+
+
+def load_tokenizer(model_cfg):
+    """The configured model's tokenizer and context length, without its weights: enough to check
+    a dataset before any model runs (pipeline/validation.py)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        if model_cfg.source == "embedded":
+            folder, extra = embedded_model_dir(model_cfg.package), {"gguf_file": model_cfg.gguf_file}
+        elif model_cfg.source == "tiny":
+            folder, extra = build_tiny_model(model_cfg), {}
+        else:
+            folder, extra = model_cfg.name, {}
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        config = AutoConfig.from_pretrained(folder, **extra)
+    except OSError as err:
+        raise PipelineError(f"cannot load model {model_cfg.name!r}: {str(err).splitlines()[0]}") from err
+    n_ctx = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(getattr(config, k, None), int)), None)
+    return tokenizer, n_ctx

@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
+from pipeline import validation
 from pipeline.artifacts import file_hash, read_json, text_hash, write_json
 from pipeline.errors import PipelineError
 
@@ -70,10 +70,21 @@ class RunContext:
 
     @cached_property
     def model(self):
+        import torch
+
         from pipeline.model import load_model
 
         torch.manual_seed(int(self.cfg.seed))
         return (self.load_model or load_model)(self.cfg.model, self.device, self.dtype)
+
+    @cached_property
+    def tokenizer(self):
+        """(tokenizer, context length): the loaded model's, else loaded alone (no weights)."""
+        if "model" in self.__dict__:
+            return self.model.tokenizer, int(self.model.cfg.n_ctx)
+        from pipeline.model import load_tokenizer
+
+        return load_tokenizer(self.cfg.model)
 
     @cached_property
     def dataset(self):
@@ -130,6 +141,20 @@ class Manifest:
         self.save()
 
 
+def refused(path: Path, cfg, err: PipelineError, command: str | None = None) -> None:
+    """Record a run refused before its first stage as `failed`, in a manifest of its own or in the
+    existing one of the same config (a different config's run is left untouched)."""
+    data = read_json(path) if path.exists() else None
+    if data is not None and data.get("config_hash") != config_hash(cfg):
+        return
+    data = data or {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "command": command or " ".join(sys.argv),
+                    "config_hash": config_hash(cfg), "model": {"name": str(cfg.model.name)},
+                    "direction": str(cfg.direction.name), "stages": {}}
+    data.update(status="failed", error=str(err))
+    write_json(path, data)
+
+
 STAGES = ("data", "cache", "attribution", "patching", "report")
 
 
@@ -145,8 +170,19 @@ def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict
     the manifest (both for pipeline/api.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        validation.check_config(cfg)
+        if cfg.dataset.path and "data" in cfg.stage.stages:
+            validation.read_dataset_csv(cfg.dataset.path)  # the data stage checks it with the tokenizer
+    except PipelineError as err:
+        refused(run_dir / "manifest.json", cfg, err, command)
+        raise
     manifest = Manifest(run_dir / "manifest.json", cfg, command)
-    ctx = RunContext(cfg, run_dir, load_model)
+    try:
+        ctx = RunContext(cfg, run_dir, load_model)
+    except PipelineError as err:
+        refused(manifest.path, cfg, err, command)
+        raise
     manifest.data["device"] = ctx.device
     manifest.data["status"] = "running"
     manifest.save()

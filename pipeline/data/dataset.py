@@ -46,7 +46,10 @@ def splits_for(df: pd.DataFrame, side: str) -> list[tuple[str, str, str]]:
     out = []
     for row in df.itertuples(index=False):
         prompt = getattr(row, f"prompt_{side}")
-        known = [row.template] if "template" in df.columns and isinstance(getattr(row, "template", None), str) else templates
+        # A `template` column is the built dataset's format string; any other content in a column
+        # of that name is the user's metadata and is not read here.
+        own = getattr(row, "template", None) if "template" in df.columns else None
+        known = [own] if isinstance(own, str) and own.count("{}") == 1 else templates
         split = split_with_template(prompt, known) or split_with_template(prompt, templates)
         if split is None:
             sa, ss = split_by_difference(row.prompt_aae, row.prompt_sae)

@@ -3,15 +3,13 @@ write it as `dataset.csv` in the notebook's format (feature and template as extr
 
 from __future__ import annotations
 
+import json
 import logging
 
-import json
-
-from pipeline import figures
+from pipeline import figures, validation
 from pipeline.artifacts import write_figure, write_table, write_tensors
 from pipeline.data.builder import association_table, build_rows, interleave, probe
-from pipeline.data.csv_loader import load_csv
-from pipeline.data.dataset import SEED_COLUMNS, check_attributes, select
+from pipeline.data.dataset import SEED_COLUMNS, select
 
 log = logging.getLogger(__name__)
 GUISE_LOGPROBS = "guise_logprobs.safetensors"  # log p(attribute | prompt) per row, per side
@@ -20,11 +18,14 @@ GUISE_LOGPROBS = "guise_logprobs.safetensors"  # log p(attribute | prompt) per r
 def run(ctx) -> None:
     cfg = ctx.cfg.dataset
     if cfg.path:
-        df = load_csv(cfg.path)
+        # Checked whole, with the tokenizer only: no model loads for a CSV this stage refuses.
+        csv = validation.read_dataset_csv(cfg.path)
+        tokenizer, n_ctx = ctx.tokenizer
+        validation.check_tokens(csv, tokenizer, n_ctx, bool(ctx.cfg.model.prepend_bos))
+        df = csv.frame()
         if cfg.max_prompts is not None:
             df = interleave(df, seed=int(ctx.cfg.seed))
         df = select(df, cfg.features, cfg.max_prompts)
-        check_attributes(ctx.model, df, f"dataset.path {cfg.path}")
         log.info("dataset: %d prompts from %s", len(df), cfg.path)
     else:
         rows = select(build_rows(cfg.features), None, cfg.max_prompts)
