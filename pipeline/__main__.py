@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -62,11 +63,18 @@ def hydra_main(cfg) -> None:
     from pipeline.runner import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    interrupted = None
     try:
         run(cfg, run_dir)
     except PipelineError as err:
         log.error("%s", err)
         fail(str(err))
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the manifest says interrupted
+        interrupted = str(err) or "SIGINT"
+    if interrupted:  # said outside the except block, once the stopped stage's progress bar has closed
+        print(f"dialect-circuits: interrupted by {interrupted}; resume with the same command and "
+              f"hydra.run.dir={run_dir}", file=sys.stderr)
+        sys.exit(128 + getattr(signal.Signals, interrupted, signal.SIGINT).value)
     log.info("run directory: %s", run_dir)
 
 

@@ -4,6 +4,10 @@ The manifest records package versions, the model, the dataset and config hashes,
 stage's status and timing. A stage that finished under the same config is not run again, so a
 run started again in its own directory (`hydra.run.dir=<run>`) resumes where it stopped; a run
 directory made by a different config is refused rather than overwritten.
+
+Ctrl-C (SIGINT) and SIGTERM stop a run where it is: the stage cleans up as for an error (the
+patching stage saves its finished cells), and the manifest says `interrupted`, so the same command
+with `hydra.run.dir=<run>` resumes it.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -164,6 +171,32 @@ def stage_function(name: str):
     return importlib.import_module(f"pipeline.stages.{name}").run
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal; its text is the signal's name (SIGINT, SIGTERM)."""
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM raise Interrupted where the run is, once: a second signal while the
+    stage cleans up is ignored, so the cleanup finishes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def stop(signum, _frame):
+        for s in signals:
+            signal.signal(s, lambda *_: log.warning("already stopping"))
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict:
     """Run the stages of `cfg.stage` in `run_dir`; returns the manifest. `load_model(model_cfg,
     device, dtype)` replaces pipeline.model.load_model and `command` the command line recorded in
@@ -177,12 +210,20 @@ def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict
     except PipelineError as err:
         refused(run_dir / "manifest.json", cfg, err, command)
         raise
-    manifest = Manifest(run_dir / "manifest.json", cfg, command)
-    try:
-        ctx = RunContext(cfg, run_dir, load_model)
-    except PipelineError as err:
-        refused(manifest.path, cfg, err, command)
-        raise
+    with stop_on_signals():
+        manifest = Manifest(run_dir / "manifest.json", cfg, command)
+        try:
+            run_stages(cfg, run_dir, manifest, load_model)
+        except BaseException as err:
+            manifest.data["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            manifest.data["error"] = str(err).splitlines()[0] if str(err) else type(err).__name__
+            manifest.save()
+            raise
+    return manifest.data
+
+
+def run_stages(cfg, run_dir: Path, manifest: Manifest, load_model=None) -> None:
+    ctx = RunContext(cfg, run_dir, load_model)
     manifest.data["device"] = ctx.device
     manifest.data["status"] = "running"
     manifest.save()
@@ -200,15 +241,14 @@ def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict
         try:
             stage_function(name)(ctx)
         except BaseException as err:
-            manifest.set(name, status="failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__,
-                         seconds=round(time.perf_counter() - started, 2))
-            manifest.data["status"] = "failed"
-            manifest.save()
+            manifest.set(name, status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                          error=str(err).splitlines()[0] if str(err) else type(err).__name__,
+                          seconds=round(time.perf_counter() - started, 2))
             raise
         if name == "data":
             manifest.data["dataset_hash"] = file_hash(run_dir / "dataset.csv")
         manifest.set(name, status="done", seconds=round(time.perf_counter() - started, 2))
         log.info("stage %s: done in %.1fs", name, manifest.data["stages"][name]["seconds"])
     manifest.data["status"] = "complete"
+    manifest.data.pop("error", None)
     manifest.save()
-    return manifest.data

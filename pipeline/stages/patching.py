@@ -32,6 +32,7 @@ class PartCheckpoint:
 
     def __init__(self, path, every: int):
         self.path, self.every, self.since = path, max(int(every), 1), 0  # since: cells done at the last save
+        self.latest = None  # (done, values) as the engine last reported them
 
     def load(self):
         if not self.path.exists():
@@ -42,9 +43,16 @@ class PartCheckpoint:
         return t["done"], t["values"]
 
     def __call__(self, done, values) -> None:
+        self.latest = (done, values)
         now = int(done.sum())
         if now - self.since >= self.every or bool(done.all()):
-            self.since = now
+            self.flush()
+
+    def flush(self) -> None:
+        """Save every cell finished so far (also when a signal stops the sweep between saves)."""
+        if self.latest is not None and int(self.latest[0].sum()) > self.since:
+            done, values = self.latest
+            self.since = int(done.sum())
             write_tensors(self.path, {"done": done, "values": values})
 
     def remove(self) -> None:
@@ -100,9 +108,13 @@ def run(ctx) -> None:
         cells = cells_of(model, pairs, part)
         checkpoint = PartCheckpoint(ctx.tensors / ".partial" / f"patch_{part}.safetensors", pcfg.checkpoint_every)
         done, values = checkpoint.load()
-        values, _ = run_cells(model, pairs, cells, bs, fast=pcfg.engine == "fast", done=done, values=values,
-                              on_progress=checkpoint, desc=f"patching {part}",
-                              rows_per_run=int(pcfg.rows_per_run))
+        try:
+            values, _ = run_cells(model, pairs, cells, bs, fast=pcfg.engine == "fast", done=done, values=values,
+                                  on_progress=checkpoint, desc=f"patching {part}",
+                                  rows_per_run=int(pcfg.rows_per_run))
+        except BaseException:  # Ctrl-C, SIGTERM (pipeline/runner.py) or an error: keep the finished cells
+            checkpoint.flush()
+            raise
         n_x = axis_size(model, pairs, PARTS[part][1])
         exact[part] = anchors.normalize(values.reshape(model.cfg.n_layers, n_x, len(pairs)))
         write_tensors(ctx.tensors / f"patch_{part}.safetensors", {"normalized": exact[part], "logit_diff": values.reshape(exact[part].shape)},
