@@ -263,6 +263,8 @@ def _read(where: str, _mtime, _size) -> DatasetCSV:
         refuse(where, "is a directory, not a file", CSV_ACCEPTED)
     if not path.exists():
         refuse(where, "no such file", CSV_ACCEPTED)
+    if not path.is_file():
+        refuse(where, "is not a regular file (a pipe, device or socket)", CSV_ACCEPTED)
     try:
         data = path.read_bytes()
     except OSError as err:

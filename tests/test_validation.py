@@ -2,6 +2,7 @@
 prompts long enough in bytes to exceed the context are tokenized), and what it keeps is the rows."""
 
 import csv
+import os
 
 import pytest
 
@@ -50,3 +51,24 @@ def test_a_large_csv_is_checked_without_tokenizing_its_prompts(tmp_path, tiny_mo
     with pytest.raises(PipelineError, match=r"line 12347, column prompt_aae: the prompt is \d+ tokens, longer than"):
         validation.check_tokens(validation.read_dataset_csv(path), counting, tiny_model.cfg.n_ctx, True)
     assert len([t for t in counting.texts if not t.startswith(" ")]) == 1
+
+
+def test_unreadable_and_special_files(tmp_path, monkeypatch):
+    """A file the user may not read (simulated: root reads anything) and a named pipe, which would
+    block a reader forever."""
+    path = tmp_path / "data.csv"
+    path.write_text("prompt_aae,prompt_sae,best_attr_aae,best_attr_sae\na,b,c,d\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(path), "read_bytes", denied)
+        with pytest.raises(PipelineError) as err:
+            validation.read_dataset_csv(path)
+    assert str(err.value) == f"{path}: the file cannot be read (Permission denied); accepted: a file this user may read"
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(PipelineError, match=r"pipe.csv: is not a regular file \(a pipe, device or socket\)"):
+        validation.read_dataset_csv(fifo)
