@@ -104,7 +104,7 @@ def check_overrides(argv: list[str], config_dirs: list[Path]) -> None:
         if key and "Could not override" in message:
             refuse("command line", f"{key} is not a config key",
                    f"a key of the composed config{close_match(key, flat_keys(compose(search)))}, "
-                   f"or +{key}=... to add a new one (see dialect-circuits --cfg job)", column=None)
+                   f"or +{key}=... to add a new one (see dialect-circuits --cfg job)")
         refuse("command line", message, "overrides that compose (see dialect-circuits --cfg job)")
 
 
@@ -208,7 +208,7 @@ def check_config(cfg) -> None:
     for key, value in given.items():
         if key not in known and not any(key.startswith(k + ".") for k in known if known[k] == {}):
             refuse("config", f"{key} is not a key this pipeline reads",
-                   f"a known key{close_match(key, known)} (see dialect-circuits --cfg job)", column=None)
+                   f"a known key{close_match(key, known)} (see dialect-circuits --cfg job)")
         shown = "null" if value is None else repr(value)
         if key in RULES:
             test, accepted = RULES[key]
