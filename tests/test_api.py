@@ -101,9 +101,16 @@ def test_errors_are_the_commands_one_line_and_failed_runs_open(tmp_path, monkeyp
         with pytest.raises(PipelineError, match="Hydra is already initialized"):
             api.run(["model=tiny"])
 
+    bogus = ["model=tiny", "dataset.max_prompts=4", "stage=patching", "patching.sweeps=[bogus]"]
+    with pytest.raises(PipelineError, match="unknown sweep 'bogus'"):  # refused before any stage runs
+        api.run(bogus, run_dir=tmp_path / "refused")
+    assert api.load_run(tmp_path / "refused").status == "failed"
+    # A run that fails in its patching stage, after data and cache: the same sweep, past validation.
+    from pipeline import validation
+
+    monkeypatch.setattr(validation, "check_config", lambda cfg: None)
     with pytest.raises(PipelineError, match="unknown sweep|bogus"):
-        api.run(["model=tiny", "dataset.max_prompts=4", "stage=patching", "patching.sweeps=[bogus]"],
-                run_dir=tmp_path / "failed")
+        api.run(bogus, run_dir=tmp_path / "failed")
     failed = api.load_run(tmp_path / "failed")
     assert failed.status == "failed" and failed.stages == {"data": "done", "cache": "done", "patching": "failed"}
     assert "failed" in repr(failed) and "data, cache" in repr(failed)
