@@ -1,11 +1,14 @@
 """Summaries of per-prompt values: mean, standard error and a 95% percentile-bootstrap interval
-over prompts, and means per dialect feature."""
+over prompts, a sign-flip permutation p-value against zero with a Benjamini-Hochberg flag, and
+means per dialect feature."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
+
+from pipeline.nulls import benjamini_hochberg, sign_flip_test
 
 
 def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -41,15 +44,29 @@ def feature_means(values: torch.Tensor, features: list[str]) -> dict[str, torch.
     return out
 
 
-def summary_table(values: torch.Tensor, keys: pd.DataFrame, features: list[str] | None, n_boot: int, seed: int) -> pd.DataFrame:
+def summary_table(values: torch.Tensor, keys: pd.DataFrame, features: list[str] | None, n_boot: int, seed: int,
+                  n_perm: int = 1000, alpha: float = 0.05) -> pd.DataFrame:
     """One row per component (rows of `keys`, in the flattened order of values[..., :]) with
-    mean, sem, 95% interval, prompt count and the mean per feature."""
+    mean, sem, 95% interval, prompt count, the mean per feature, and the test of the mean against
+    0: `p_signflip` (two-sided sign-flip permutation test over prompts, `n_perm` random sign
+    patterns, or all of them when there are few prompts), `q_bh` (Benjamini-Hochberg adjusted over
+    all components of this table) and `significant_bh` (q_bh <= alpha)."""
     s = summarize(values, n_boot, seed)
     table = keys.reset_index(drop=True).copy()
     for k in ("mean", "sem", "ci_low", "ci_high"):
         table[k] = s[k].reshape(-1).numpy()
     table["n_prompts"] = s["n"].reshape(-1).numpy()
+    table["p_signflip"] = sign_flip_test(values.reshape(-1, values.shape[-1]).double().numpy(), n_perm, seed)
+    table["q_bh"], table["significant_bh"] = benjamini_hochberg(table["p_signflip"].to_numpy(), alpha)
     if features and len(set(features)) > 1:
         for f, m in feature_means(values, features).items():
             table[f"mean_{f}"] = m.reshape(-1).numpy()
+    return table
+
+
+def fdr_over(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Benjamini-Hochberg again over all rows of a table joined from several summary_tables (the
+    parts of one patching sweep), so the flag counts every component of the table."""
+    table = table.copy()
+    table["q_bh"], table["significant_bh"] = benjamini_hochberg(table["p_signflip"].to_numpy(), alpha)
     return table

@@ -1,9 +1,10 @@
 """Build the dataset from the package's pairs and templates by matched guise probing.
 
 For every pair and template, the configured model gives log p(attribute | prompt) for the AAE and
-the SAE prompt. A prompt's `best_attr_aae` is the attribute with the largest
-log p(a|AAE) - log p(a|SAE), `best_attr_sae` the one with the smallest. The association of each
-attribute with AAE over SAE, averaged over pairs and templates, is written as a table and chart.
+the SAE prompt. A prompt's `best_attr_aae` and `best_attr_sae` are chosen from these associations
+log p(a|AAE) - log p(a|SAE) by the rule `dataset.answers` (pipeline/data/answers.py). The
+association of each attribute with AAE over SAE, averaged over pairs and templates, is written as
+a table and chart.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.data.answers import choose_answers
 from pipeline.data.resources import load_attributes, load_pairs, load_templates
 from pipeline.errors import PipelineError
 from pipeline.forward import map_last_logits
@@ -54,8 +56,9 @@ def build_rows(features=None) -> pd.DataFrame:
     return interleave(pd.DataFrame(rows))
 
 
-def probe(model, rows: pd.DataFrame, batch_size: int, prepend_bos: bool):
-    """Matched guise probing: fill best_attr_aae / best_attr_sae, and return the per-row
+def probe(model, rows: pd.DataFrame, batch_size: int, prepend_bos: bool, answers: str = "cross_fit", answer_pair=None):
+    """Matched guise probing: fill best_attr_aae / best_attr_sae by the rule `answers`
+    (pipeline/data/answers.py), and return the per-row
     log-probabilities of every attribute {"aae": [rows, attributes], "sae": ...}, the attribute
     names and the attributes dropped for not being one token."""
     attr_ids, dropped = single_token_ids(model, load_attributes())
@@ -76,8 +79,9 @@ def probe(model, rows: pd.DataFrame, batch_size: int, prepend_bos: bool):
         logp[side] = map_last_logits(model, batch, batch_size, attr_logprobs, desc=f"probing {side.upper()}")
     assoc = (logp["aae"] - logp["sae"]).numpy()  # [rows, attributes]
     out = rows.copy()
-    out.insert(2, "best_attr_aae", [names[i] for i in assoc.argmax(1)])
-    out.insert(3, "best_attr_sae", [names[i] for i in assoc.argmin(1)])
+    aae, sae = choose_answers(assoc, names, rows.pair_id, answers, answer_pair)
+    out.insert(2, "best_attr_aae", [names[i] for i in aae])
+    out.insert(3, "best_attr_sae", [names[i] for i in sae])
     return out, logp, names, dropped
 
 

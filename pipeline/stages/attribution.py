@@ -59,7 +59,8 @@ def run(ctx) -> None:
         parts = []
         for side, r in results.items():
             values = r[key].reshape(-1, r[key].shape[-1])
-            parts.append(summary_table(values, keys.assign(side=side), features, n_boot, seed))
+            parts.append(summary_table(values, keys.assign(side=side), features, n_boot, seed,
+                                       int(cfg.nulls.permutations), float(cfg.nulls.fdr)))
         return pd.concat(parts, ignore_index=True)
 
     lens = table("logit_lens", pd.DataFrame({"component": labels["logit_lens"]}))

@@ -19,6 +19,7 @@ from pipeline.artifacts import read_tensors, safe_open_metadata, write_atomic, w
 from pipeline.errors import PipelineError
 from pipeline.forward import map_last_logits
 from pipeline.metrics import logit_diff
+from pipeline.nulls import baseline_null
 from pipeline.stages.data import GUISE_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,25 @@ def logit_diffs_from_probing(ctx) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def gap_null(ctx, ld: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """The gap (clean - corrupted logit difference) overall and per feature, with its pair-bootstrap
+    interval, against the guise permutation null (pipeline/nulls.py): on a built dataset the
+    answers are chosen again by `dataset.answers` under every swap; a CSV dataset's answers are fixed."""
+    df, cfg = ctx.dataset, ctx.cfg
+    observed = (ld["clean"] - ld["corrupted"]).double().numpy()
+    units = df["pair_id"] if "pair_id" in df and df["pair_id"].astype(bool).all() else range(len(df))
+    features = list(df["feature"]) if "feature" in df else None
+    n_perm, n_boot, seed = int(cfg.nulls.permutations), int(cfg.nulls.bootstrap), int(cfg.seed)
+    path = ctx.tensors / GUISE_LOGPROBS
+    if cfg.dataset.path or not path.exists():
+        return baseline_null(observed, units, features, n_perm, n_boot, seed).assign(answers="fixed (dataset.path)")
+    logp = read_tensors(path)
+    names = json.loads(safe_open_metadata(path)["columns"])
+    assoc = (logp["aae"] - logp["sae"]).double().numpy()
+    return baseline_null(observed, units, features, n_perm, n_boot, seed, assoc, names,
+                         str(cfg.dataset.answers), cfg.dataset.answer_pair).assign(answers=str(cfg.dataset.answers))
+
+
 def run(ctx) -> None:
     model, pairs, bs = ctx.model, ctx.pairs, int(ctx.cfg.batch_size)
     ld = logit_diffs_from_probing(ctx)
@@ -103,7 +123,13 @@ def run(ctx) -> None:
         "roles": pairs.role_names,
         "by_feature": table.groupby("feature")[["clean_logit_diff", "corrupted_logit_diff"]].mean().to_dict("index") if table["feature"].astype(bool).any() else {},
     }
+    null = gap_null(ctx, ld)
+    write_table(ctx.tables / "baseline_null.csv", null)
+    summary["gap_null"] = null.to_dict("records")
     write_json(ctx.tables / "baseline.json", summary)
+    top = null.iloc[0]
+    log.info("baseline gap %.4f [%.4f, %.4f] (pair bootstrap); guise permutation null (answers %s) 95%% band "
+             "[%.4f, %.4f], p = %.4f", top.gap, top.ci_low, top.ci_high, top.answers, top.null_low, top.null_high, top.p_perm)
     write_figure(ctx.figures / "baseline_logit_diff.html", figures.baseline_logit_diffs(table.assign(feature=table.feature.replace("", "all"))))
 
     index = int(ctx.cfg.example.prompt_index)

@@ -7,9 +7,12 @@ import json
 import logging
 
 from pipeline import figures, validation
-from pipeline.artifacts import write_figure, write_table, write_tensors
+from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
+from pipeline.data.answers import check_rule
 from pipeline.data.builder import association_table, build_rows, interleave, probe
 from pipeline.data.dataset import SEED_COLUMNS, select
+from pipeline.data.stereotypes import katz_braly_agreement
+from pipeline.nulls import association_null
 
 log = logging.getLogger(__name__)
 GUISE_LOGPROBS = "guise_logprobs.safetensors"  # log p(attribute | prompt) per row, per side
@@ -28,15 +31,25 @@ def run(ctx) -> None:
         df = select(df, cfg.features, cfg.max_prompts)
         log.info("dataset: %d prompts from %s", len(df), cfg.path)
     else:
+        check_rule(cfg.answers, cfg.answer_pair)
         rows = select(build_rows(cfg.features), None, cfg.max_prompts)
-        df, logp, names, dropped = probe(ctx.model, rows, int(ctx.cfg.batch_size), bool(ctx.cfg.model.prepend_bos))
-        table = association_table((logp["aae"] - logp["sae"]).numpy(), names, df.feature)
+        df, logp, names, dropped = probe(ctx.model, rows, int(ctx.cfg.batch_size), bool(ctx.cfg.model.prepend_bos),
+                                         cfg.answers, cfg.answer_pair)
+        assoc = (logp["aae"] - logp["sae"]).numpy()
+        n_perm, seed = int(ctx.cfg.nulls.permutations), int(ctx.cfg.seed)
+        null = association_null(assoc, df.pair_id, n_perm, seed, float(ctx.cfg.nulls.fdr)).assign(attribute=names)
+        table = association_table(assoc, names, df.feature).merge(null, on="attribute", how="left")
         write_table(ctx.tables / "attribute_association.csv", table)
+        agreement = katz_braly_agreement(table, n_perm, seed)
+        write_json(ctx.tables / "katz_braly_agreement.json", agreement)
+        log.info("Katz-Braly (1933): %d of the %d listed stereotypes among the top %d AAE-associated attributes "
+                 "(permutation p %.3f); Spearman %.3f (p %.3f)", agreement["overlap_top_k"], agreement["n_listed"],
+                 agreement["n_listed"], agreement["p_overlap"], agreement["spearman"], agreement["p_spearman"])
         # The cache stage reads its baseline logit differences from these (same prompts, same runs).
         write_tensors(ctx.tensors / GUISE_LOGPROBS, logp,
                       metadata={"rows": "dataset.csv rows", "columns": json.dumps(names), "dropped": json.dumps(dropped)})
         write_figure(ctx.figures / "attribute_association.html", figures.attribute_association(table))
-        log.info("dataset: built %d prompts over %d features; top AAE-associated attributes: %s", len(df),
-                 df.feature.nunique(), ", ".join(table.attribute.head(5)))
+        log.info("dataset: built %d prompts over %d features, answers by rule %s; top AAE-associated attributes: %s",
+                 len(df), df.feature.nunique(), cfg.answers, ", ".join(table.attribute.head(5)))
     ordered = SEED_COLUMNS + [c for c in df.columns if c not in SEED_COLUMNS]
     write_table(ctx.run_dir / "dataset.csv", df[ordered])

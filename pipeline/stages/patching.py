@@ -22,7 +22,7 @@ from pipeline.metrics import Anchors
 from pipeline.patching import attribution_patching
 from pipeline.patching.engine import run_cells
 from pipeline.patching.sweeps import PART_TITLES, PARTS, SWEEPS, axis_size, cells_of, check_sweeps
-from pipeline.stats import summary_table
+from pipeline.stats import fdr_over, summary_table
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,13 @@ def axis_labels(model, pairs, part: str) -> list[str]:
     return [str(h) for h in range(axis_size(model, pairs, axis))]
 
 
-def long_table(sweep: str, part: str, values: torch.Tensor, labels: list[str], axis: str, features, n_boot, seed) -> pd.DataFrame:
+def long_table(sweep: str, part: str, values: torch.Tensor, labels: list[str], axis: str, features, n_boot, seed,
+               n_perm: int = 1000, alpha: float = 0.05) -> pd.DataFrame:
     """[layer, x, prompt] -> one row per cell with mean, sem, 95% interval, n and per-feature means."""
     n_layers, n_x = values.shape[:2]
     keys = pd.DataFrame([(sweep, part, l, x if axis != "role" else "", labels[x] if axis == "role" else "")
                          for l in range(n_layers) for x in range(n_x)], columns=["sweep", "part", "layer", "head", "role"])
-    return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed)
+    return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed, n_perm, alpha)
 
 
 def hover_text(table: pd.DataFrame, shape) -> np.ndarray:
@@ -99,6 +100,7 @@ def run(ctx) -> None:
     anchors = anchors_for(ctx, n_exact)
     features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
     bs, n_boot, seed = int(cfg.batch_size), int(pcfg.bootstrap), int(cfg.seed)
+    n_perm, alpha = int(cfg.nulls.permutations), float(cfg.nulls.fdr)
     log.info("patching: exact sweeps %s on %d prompts (%s engine), anchors clean %.4f corrupted %.4f",
              sweeps, n_exact, pcfg.engine, anchors.clean, anchors.corrupted)
 
@@ -135,17 +137,18 @@ def run(ctx) -> None:
         tables, ap_tables = [], []
         for part in SWEEPS[sweep]:
             labels, axis = axis_labels(model, pairs, part), PARTS[part][1]
-            tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed))
+            tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed,
+                                     n_perm, alpha))
             if approx:
-                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed))
+                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed, n_perm, alpha))
                 # Agreement on the prompts both ran on, with the same anchors.
                 ap_sub = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
                 ex = exact[part].nanmean(-1).flatten().numpy()
                 agreement.append({"sweep": sweep, "part": part, **agreement_scores(ex, ap_sub)})
-        write_table(ctx.tables / f"patch_{sweep}.csv", pd.concat(tables, ignore_index=True))
+        write_table(ctx.tables / f"patch_{sweep}.csv", fdr_over(pd.concat(tables, ignore_index=True), alpha))
         write_sweep_figure(ctx, model, pairs, sweep, tables, f"patch_{sweep}", f"Activation patching: {sweep} ({n_exact} prompts, {cfg.direction.name})")
         if approx:
-            write_table(ctx.tables / f"attrpatch_{sweep}.csv", pd.concat(ap_tables, ignore_index=True))
+            write_table(ctx.tables / f"attrpatch_{sweep}.csv", fdr_over(pd.concat(ap_tables, ignore_index=True), alpha))
             write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, len(pairs_all))
     if agreement:
         table = pd.DataFrame(agreement).drop_duplicates(["part"])
