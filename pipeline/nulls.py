@@ -90,67 +90,66 @@ def unit_index(units) -> tuple[np.ndarray, int]:
     return inverse, int(inverse.max()) + 1 if len(inverse) else 0
 
 
-def swapped_gaps(assoc: np.ndarray, names: list[str], pair_ids, rule: str, answer_pair, patterns: np.ndarray) -> np.ndarray:
-    """Per-row gaps [patterns, rows] with the guises of the pairs where a pattern is -1 swapped and
-    the answers chosen again by `rule` on the swapped associations."""
-    inverse, _ = unit_index(pair_ids)
-    out = np.empty((len(patterns), assoc.shape[0]))
-    for k, pattern in enumerate(patterns):
-        swapped = assoc * pattern[inverse][:, None]
-        aae, sae = choose_answers(swapped, names, pair_ids, rule, answer_pair)
-        out[k] = gaps(swapped, aae, sae)
-    return out
+class GapProcedure:
+    """The per-row gap (clean - corrupted logit difference) of any subset of rows, with some pairs'
+    guises swapped, answers included: on a built dataset the answers are chosen again by `rule`
+    on the rows in hand (the selection is part of the statistic); with fixed answers (a CSV
+    dataset) swapping a prompt's guises negates its gap."""
 
+    def __init__(self, observed, pair_ids, assoc=None, names=None, rule=None, answer_pair=None):
+        self.observed = np.asarray(observed, dtype=np.float64)
+        self.pair_ids = np.asarray(pair_ids, dtype=str)
+        self.assoc = None if assoc is None else np.asarray(assoc, dtype=np.float64)
+        self.names, self.rule, self.answer_pair = names, rule, answer_pair
 
-def cluster_bootstrap(values: np.ndarray, units: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean of `values` resampling whole units (pairs) with
-    replacement: the rows of one pair are not independent."""
-    inverse, n_units = unit_index(units)
-    sums = np.bincount(inverse, weights=values, minlength=n_units)
-    counts = np.bincount(inverse, minlength=n_units).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(np.float64)
-    boot = (draws @ sums) / (draws @ counts)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return float(lo), float(hi)
-
-
-def gap_null_table(observed: np.ndarray, null: np.ndarray, exact: bool, pair_ids, features, n_boot: int, seed: int) -> pd.DataFrame:
-    """One row for all prompts and one per dialect feature: the observed mean gap (clean - corrupted
-    logit difference) with its pair-bootstrap 95% interval, and the guise permutation null's mean
-    and 95% band with the one-sided p-value of a gap at least as large."""
-    pair_ids = np.asarray(pair_ids, dtype=str)
-    groups = [("all", np.ones(len(observed), bool))]
-    if features is not None and len(set(features)) > 1:
-        feats = np.asarray(features, dtype=str)
-        groups += [(f, feats == f) for f in sorted(set(feats))]
-    rows = []
-    for name, mask in groups:
-        gap = float(observed[mask].mean())
-        lo, hi = cluster_bootstrap(observed[mask], pair_ids[mask], n_boot, seed)
-        null_means = null[:, mask].mean(1)
-        band = np.quantile(null_means, [0.025, 0.975])
-        rows.append({"feature": name, "n_prompts": int(mask.sum()), "n_pairs": len(set(pair_ids[mask])),
-                     "gap": gap, "ci_low": lo, "ci_high": hi, "null_mean": float(null_means.mean()),
-                     "null_low": float(band[0]), "null_high": float(band[1]),
-                     "p_perm": float(p_value(np.array(gap), null_means, exact, "greater"))})
-    return pd.DataFrame(rows)
+    def __call__(self, rows: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        if self.assoc is None:
+            return self.observed[rows] * signs
+        swapped = self.assoc[rows] * signs[:, None]
+        aae, sae = choose_answers(swapped, self.names, self.pair_ids[rows], self.rule, self.answer_pair)
+        return gaps(swapped, aae, sae)
 
 
 def baseline_null(observed: np.ndarray, pair_ids, features, n_perm: int, n_boot: int, seed: int,
                   assoc: np.ndarray | None = None, names: list[str] | None = None, rule: str | None = None,
                   answer_pair=None) -> pd.DataFrame:
-    """The gap table of gap_null_table under the guise permutation null. With `assoc` (a built
-    dataset) the answers are chosen again by `rule` on every swapped matrix; without it the
-    answers are fixed and swapping a pair's guises negates its prompts' gaps."""
-    observed = np.asarray(observed, dtype=np.float64)
+    """One row for all prompts and one per dialect feature: the observed mean gap with a 95%
+    interval from a pair bootstrap of the whole procedure (pairs resampled within each feature,
+    the answers chosen again on every resample, so the interval includes the selection's own
+    variability), and the guise permutation null's mean and 95% band with the one-sided p-value
+    of a gap at least as large (pairs' guises swapped at random, answers chosen again)."""
+    gap_of = GapProcedure(observed, pair_ids, assoc, names, rule, answer_pair)
+    n_rows = len(gap_of.observed)
     inverse, n_units = unit_index(pair_ids)
+    feats = np.asarray(features, dtype=str) if features is not None else np.full(n_rows, "all")
+    groups = [("all", np.ones(n_rows, bool))]
+    if len(set(feats)) > 1:
+        groups += [(f, feats == f) for f in sorted(set(feats))]
+    everything = np.arange(n_rows)
+
     patterns, exact = sign_patterns(n_units, n_perm, seed)
-    if assoc is None:
-        null = patterns[:, inverse] * observed[None, :]
-    else:
-        null = swapped_gaps(np.asarray(assoc, dtype=np.float64), names, pair_ids, rule, answer_pair, patterns)
-    return gap_null_table(observed, null, exact, pair_ids, features, n_boot, seed)
+    null = np.stack([gap_of(everything, pattern[inverse]) for pattern in patterns])  # [patterns, rows]
+
+    unit_rows = [np.flatnonzero(inverse == u) for u in range(n_units)]
+    strata = [[u for u in range(n_units) if feats[unit_rows[u][0]] == f] for f in sorted(set(feats))]
+    rng = np.random.default_rng(seed)
+    boot = np.empty((n_boot, len(groups)))
+    for b in range(n_boot):
+        rows = np.concatenate([unit_rows[u] for stratum in strata for u in rng.choice(stratum, len(stratum))])
+        g = gap_of(rows, np.ones(len(rows)))
+        boot[b] = [g[mask[rows]].mean() for _, mask in groups]
+
+    table = []
+    for k, (name, mask) in enumerate(groups):
+        gap = float(gap_of.observed[mask].mean())
+        null_means = null[:, mask].mean(1)
+        band = np.quantile(null_means, [0.025, 0.975])
+        ci = np.quantile(boot[:, k], [0.025, 0.975])
+        table.append({"feature": name, "n_prompts": int(mask.sum()), "n_pairs": len(set(inverse[mask])),
+                      "gap": gap, "ci_low": float(ci[0]), "ci_high": float(ci[1]), "null_mean": float(null_means.mean()),
+                      "null_low": float(band[0]), "null_high": float(band[1]),
+                      "p_perm": float(p_value(np.array(gap), null_means, exact, "greater"))})
+    return pd.DataFrame(table)
 
 
 def association_null(assoc: np.ndarray, pair_ids, n_perm: int, seed: int, alpha: float = 0.05) -> pd.DataFrame:
