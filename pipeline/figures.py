@@ -16,13 +16,25 @@ def attribute_association(table: pd.DataFrame, top: int = 40) -> go.Figure:
     """Bar chart of each attribute's mean association with AAE over SAE, with 95% intervals."""
     shown = pd.concat([table.head(top // 2), table.tail(top // 2)]).drop_duplicates("attribute")
     fig = go.Figure(go.Bar(
-        x=shown.attribute, y=shown.association,
+        x=shown.attribute, y=shown.association, name="association (95% interval)",
         error_y=dict(type="data", symmetric=False, array=shown.ci_high - shown.association,
                      arrayminus=shown.association - shown.ci_low),
         marker_color=np.where(shown.association > 0, "#b2182b", "#2166ac"),
         hovertemplate="%{x}: %{y:.3f}<extra></extra>",
     ))
-    fig.update_layout(title="Association of trait attributes with AAE over SAE<br><sup>mean log p(a|AAE) - log p(a|SAE) over pairs and templates; the most and least AAE-associated</sup>",
+    subtitle = "mean log p(a|AAE) - log p(a|SAE) over pairs and templates; the most and least AAE-associated"
+    if "null_low" in shown:
+        # The guise permutation null's 95% band of each mean (pipeline/nulls.py); * = BH-significant.
+        fig.add_trace(go.Bar(x=shown.attribute, y=shown.null_high - shown.null_low, base=shown.null_low,
+                             marker_color="rgba(120,120,120,0.35)", name="null 95% band (guise swaps)",
+                             customdata=np.stack([shown.null_low, shown.null_high, shown.p_perm], -1),
+                             hovertemplate="%{x}: null band [%{customdata[0]:.3f}, %{customdata[1]:.3f}], p = %{customdata[2]:.3f}<extra></extra>"))
+        star = shown[shown.significant_bh.astype(bool)]
+        fig.add_trace(go.Scatter(x=star.attribute, y=np.where(star.association > 0, star.ci_high, star.ci_low), mode="text",
+                                 text=["*"] * len(star), textposition=np.where(star.association > 0, "top center", "bottom center"),
+                                 textfont=dict(size=16), name="* significant (BH)", hoverinfo="skip"))
+        subtitle += "; grey: 95% band under guise swaps, * significant after Benjamini-Hochberg"
+    fig.update_layout(title=f"Association of trait attributes with AAE over SAE<br><sup>{subtitle}</sup>", barmode="overlay",
                       xaxis_title="attribute", yaxis_title="log-probability difference", width=1000, height=480)
     return fig
 
@@ -66,10 +78,21 @@ def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str, x_title: str,
 
 
 def faceted_heatmaps(zs: list[np.ndarray], facet_titles: list[str], x, y: list[str], title: str,
-                     x_title: str, y_title: str, hovers: list[np.ndarray] | None = None) -> go.Figure:
+                     x_title: str, y_title: str, hovers: list[np.ndarray] | None = None,
+                     marks: list[np.ndarray] | None = None) -> go.Figure:
     """Heatmaps side by side with one shared diverging scale (the notebook's facet_col plots).
-    `x` is one list of labels for all facets or one per facet (key/value heads may be fewer)."""
-    return heatmap_grid([zs], [""], facet_titles, x, y, title, x_title, y_title, None if hovers is None else [hovers])
+    `x` is one list of labels for all facets or one per facet (key/value heads may be fewer);
+    `marks` (boolean, like zs) circles cells, e.g. those significant after FDR correction."""
+    fig = heatmap_grid([zs], [""], facet_titles, x, y, title, x_title, y_title, None if hovers is None else [hovers])
+    if marks is not None:
+        xs = x if x and isinstance(x[0], list) else [x] * len(zs)
+        for j, mark in enumerate(marks):
+            rows, cols = np.nonzero(mark)
+            fig.add_trace(go.Scatter(x=[xs[j][c] for c in cols], y=[y[r] for r in rows], mode="markers", hoverinfo="skip",
+                                     marker=dict(symbol="circle-open", size=9, color="black", line=dict(width=1.5)),
+                                     name="significant (sign-flip, BH)", showlegend=j == 0 and len(rows) > 0), 1, j + 1)
+        fig.update_layout(legend=dict(orientation="h", y=-0.12))
+    return fig
 
 
 def heatmap_grid(zs: list[list[np.ndarray]], row_titles: list[str], col_titles: list[str], x, y: list[str],

@@ -103,16 +103,19 @@ def write_figures(ctx, lens, layer, heads, n_layers, n_heads, features) -> None:
         comp = list(table[table.side == "clean"].component)
         write_figure(ctx.figures / f"{name}.html", figures.line(values, comp, f"{title} ({direction}, mean and 95% interval)", bands))
 
-    facets, hovers = [], []
+    facets, hovers, marks = [], [], []
     for side in ("clean", "corrupted"):
         t = heads[heads.side == side]
         z = t["mean"].to_numpy().reshape(n_layers, n_heads)
         facets.append(z)
-        hovers.append(np.array([f"{n}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for n, m, lo, hi in zip(t.name, t["mean"], t.ci_low, t.ci_high)]).reshape(n_layers, n_heads))
+        hovers.append(np.array([f"{n}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}], sign-flip p {p:.3g}, BH q {q:.3g}"
+                                for n, m, lo, hi, p, q in zip(t.name, t["mean"], t.ci_low, t.ci_high, t.p_signflip, t.q_bh)]).reshape(n_layers, n_heads))
+        marks.append(t.significant_bh.to_numpy().reshape(n_layers, n_heads))
     heads_x, layers_y = [str(h) for h in range(n_heads)], [str(l) for l in range(n_layers)]
     write_figure(ctx.figures / "head_attribution.html", figures.faceted_heatmaps(
         facets, ["clean prompts", "corrupted prompts"], heads_x, layers_y,
-        f"Logit difference from each head ({direction}; hover: mean [95% interval])", "head", "layer", hovers))
+        f"Logit difference from each head ({direction}; hover: mean [95% interval]; circled: nonzero after BH at "
+        f"{float(ctx.cfg.nulls.fdr):g})", "head", "layer", hovers, marks))
 
     if features and len(set(features)) > 1:
         clean = heads[heads.side == "clean"]

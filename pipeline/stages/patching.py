@@ -84,8 +84,16 @@ def long_table(sweep: str, part: str, values: torch.Tensor, labels: list[str], a
     return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed, n_perm, alpha)
 
 
+def split_fdr(tables: list[pd.DataFrame], alpha: float) -> list[pd.DataFrame]:
+    """The parts' tables of one sweep with Benjamini-Hochberg redone over all their rows together."""
+    joined = fdr_over(pd.concat(tables, ignore_index=True), alpha)
+    bounds = np.cumsum([0] + [len(t) for t in tables])
+    return [joined.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def hover_text(table: pd.DataFrame, shape) -> np.ndarray:
     return np.array([f"layer {r.layer}, {r.role or 'head ' + str(r.head)}<br>{r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], n={r.n_prompts}"
+                     f"<br>sign-flip p {r.p_signflip:.3g}{' (BH significant)' if r.significant_bh else ''}"
                      for _, r in table.iterrows()]).reshape(shape)
 
 
@@ -145,10 +153,12 @@ def run(ctx) -> None:
                 ap_sub = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
                 ex = exact[part].nanmean(-1).flatten().numpy()
                 agreement.append({"sweep": sweep, "part": part, **agreement_scores(ex, ap_sub)})
-        write_table(ctx.tables / f"patch_{sweep}.csv", fdr_over(pd.concat(tables, ignore_index=True), alpha))
+        tables = split_fdr(tables, alpha)
+        write_table(ctx.tables / f"patch_{sweep}.csv", pd.concat(tables, ignore_index=True))
         write_sweep_figure(ctx, model, pairs, sweep, tables, f"patch_{sweep}", f"Activation patching: {sweep} ({n_exact} prompts, {cfg.direction.name})")
         if approx:
-            write_table(ctx.tables / f"attrpatch_{sweep}.csv", fdr_over(pd.concat(ap_tables, ignore_index=True), alpha))
+            ap_tables = split_fdr(ap_tables, alpha)
+            write_table(ctx.tables / f"attrpatch_{sweep}.csv", pd.concat(ap_tables, ignore_index=True))
             write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, len(pairs_all))
     if agreement:
         table = pd.DataFrame(agreement).drop_duplicates(["part"])
