@@ -54,16 +54,22 @@ def p_value(observed: np.ndarray, null: np.ndarray, exact: bool, alternative: st
     return np.where(np.isnan(observed), np.nan, p)
 
 
-def sign_flip_test(values: np.ndarray, n_perm: int = 1000, seed: int = 0) -> np.ndarray:
+def sign_flip_test(values: np.ndarray, n_perm: int = 1000, seed: int = 0, units=None) -> np.ndarray:
     """values [components, prompts] (NaN where a prompt does not apply) -> two-sided p-value per
     component of its mean against 0, flipping the sign of each prompt's value at random (the same
-    patterns for every component)."""
+    patterns for every component). With `units` (e.g. each prompt's pair_id) the prompts of one
+    unit are flipped together, for prompts that are not independent of each other."""
     x = np.asarray(values, dtype=np.float64)
     valid = ~np.isnan(x)
     x = np.where(valid, x, 0.0)
     n = valid.sum(1)
     observed = np.where(n > 0, x.sum(1) / np.maximum(n, 1), np.nan)
-    patterns, exact = sign_patterns(x.shape[1], n_perm, seed)
+    if units is None:
+        patterns, exact = sign_patterns(x.shape[1], n_perm, seed)
+    else:
+        inverse, n_units = unit_index(units)
+        patterns, exact = sign_patterns(n_units, n_perm, seed)
+        patterns = patterns[:, inverse]
     null = (patterns @ x.T) / np.maximum(n, 1)  # [patterns, components]
     return p_value(observed, null, exact)
 

@@ -45,18 +45,19 @@ def feature_means(values: torch.Tensor, features: list[str]) -> dict[str, torch.
 
 
 def summary_table(values: torch.Tensor, keys: pd.DataFrame, features: list[str] | None, n_boot: int, seed: int,
-                  n_perm: int = 1000, alpha: float = 0.05) -> pd.DataFrame:
+                  n_perm: int = 1000, alpha: float = 0.05, units=None) -> pd.DataFrame:
     """One row per component (rows of `keys`, in the flattened order of values[..., :]) with
     mean, sem, 95% interval, prompt count, the mean per feature, and the test of the mean against
-    0: `p_signflip` (two-sided sign-flip permutation test over prompts, `n_perm` random sign
-    patterns, or all of them when there are few prompts), `q_bh` (Benjamini-Hochberg adjusted over
-    all components of this table) and `significant_bh` (q_bh <= alpha)."""
+    0: `p_signflip` (two-sided sign-flip permutation test over prompts, or over `units` such as
+    pair ids, whose prompts flip together; `n_perm` random sign patterns, or all of them when there
+    are few), `q_bh` (Benjamini-Hochberg adjusted over all components of this table) and
+    `significant_bh` (q_bh <= alpha)."""
     s = summarize(values, n_boot, seed)
     table = keys.reset_index(drop=True).copy()
     for k in ("mean", "sem", "ci_low", "ci_high"):
         table[k] = s[k].reshape(-1).numpy()
     table["n_prompts"] = s["n"].reshape(-1).numpy()
-    table["p_signflip"] = sign_flip_test(values.reshape(-1, values.shape[-1]).double().numpy(), n_perm, seed)
+    table["p_signflip"] = sign_flip_test(values.reshape(-1, values.shape[-1]).double().numpy(), n_perm, seed, units)
     table["q_bh"], table["significant_bh"] = benjamini_hochberg(table["p_signflip"].to_numpy(), alpha)
     if features and len(set(features)) > 1:
         for f, m in feature_means(values, features).items():
@@ -70,3 +71,11 @@ def fdr_over(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     table = table.copy()
     table["q_bh"], table["significant_bh"] = benjamini_hochberg(table["p_signflip"].to_numpy(), alpha)
     return table
+
+
+def units_of(dataset: pd.DataFrame, n: int | None = None):
+    """Each prompt's pair (`pair_id`) where the dataset has one for every row, for tests whose
+    prompts of one pair must move together; else None (prompts taken as independent)."""
+    if "pair_id" not in dataset or not dataset["pair_id"].astype(bool).all():
+        return None
+    return list(dataset["pair_id"])[:n]

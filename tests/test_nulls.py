@@ -29,6 +29,8 @@ def test_sign_flip_worked_example():
     # 30 prompts all equal: only the two all-same patterns are as extreme; random patterns
     # (2**30 > n_perm) practically never draw them -> p = (1 + 0) / (1 + 1000).
     assert sign_flip_test(np.full((1, 30), 0.7), n_perm=1000)[0] == pytest.approx(1 / 1001)
+    # Flipped by unit: [1, 2, 3] in units (a, a, b) -> sums +-3 +-3: |sum| >= 6 in 2 of 4 -> p = 0.5.
+    assert sign_flip_test(np.array([[1.0, 2.0, 3.0]]), units=["a", "a", "b"])[0] == pytest.approx(0.5)
 
 
 def test_benjamini_hochberg_worked_example():

@@ -19,7 +19,7 @@ from pipeline.artifacts import write_atomic, write_figure, write_table, write_te
 from pipeline.attribution import attribute, full_attention
 from pipeline.errors import PipelineError
 from pipeline.prompts import role_sort_key
-from pipeline.stats import summarize, summary_table
+from pipeline.stats import summarize, summary_table, units_of
 
 log = logging.getLogger(__name__)
 CLOSURE_ATOL = 1e-3
@@ -60,7 +60,7 @@ def run(ctx) -> None:
         for side, r in results.items():
             values = r[key].reshape(-1, r[key].shape[-1])
             parts.append(summary_table(values, keys.assign(side=side), features, n_boot, seed,
-                                       int(cfg.nulls.permutations), float(cfg.nulls.fdr)))
+                                       int(cfg.nulls.permutations), float(cfg.nulls.fdr), units_of(ctx.dataset)))
         return pd.concat(parts, ignore_index=True)
 
     lens = table("logit_lens", pd.DataFrame({"component": labels["logit_lens"]}))

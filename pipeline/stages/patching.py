@@ -22,7 +22,7 @@ from pipeline.metrics import Anchors
 from pipeline.patching import attribution_patching
 from pipeline.patching.engine import run_cells
 from pipeline.patching.sweeps import PART_TITLES, PARTS, SWEEPS, axis_size, cells_of, check_sweeps
-from pipeline.stats import fdr_over, summary_table
+from pipeline.stats import fdr_over, summary_table, units_of
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ def axis_labels(model, pairs, part: str) -> list[str]:
 
 
 def long_table(sweep: str, part: str, values: torch.Tensor, labels: list[str], axis: str, features, n_boot, seed,
-               n_perm: int = 1000, alpha: float = 0.05) -> pd.DataFrame:
+               n_perm: int = 1000, alpha: float = 0.05, units=None) -> pd.DataFrame:
     """[layer, x, prompt] -> one row per cell with mean, sem, 95% interval, n and per-feature means."""
     n_layers, n_x = values.shape[:2]
     keys = pd.DataFrame([(sweep, part, l, x if axis != "role" else "", labels[x] if axis == "role" else "")
                          for l in range(n_layers) for x in range(n_x)], columns=["sweep", "part", "layer", "head", "role"])
-    return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed, n_perm, alpha)
+    return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed, n_perm, alpha, units)
 
 
 def split_fdr(tables: list[pd.DataFrame], alpha: float) -> list[pd.DataFrame]:
@@ -146,9 +146,10 @@ def run(ctx) -> None:
         for part in SWEEPS[sweep]:
             labels, axis = axis_labels(model, pairs, part), PARTS[part][1]
             tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed,
-                                     n_perm, alpha))
+                                     n_perm, alpha, units_of(ctx.dataset, n_exact)))
             if approx:
-                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed, n_perm, alpha))
+                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed, n_perm, alpha,
+                                            units_of(ctx.dataset)))
                 # Agreement on the prompts both ran on, with the same anchors.
                 ap_sub = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
                 ex = exact[part].nanmean(-1).flatten().numpy()
