@@ -34,7 +34,7 @@ from pipeline.pages import render
 # Columns that hold a statistic of a component; every other column names the component, except
 # one named <statistic>_<group> (mean_finna: the mean over one feature's prompts) and one of
 # numbers with decimals (a statistic this list does not know yet: never a key).
-STATISTICS = ("mean", "sem", "std", "ci_low", "ci_high", "n_prompts", "n")
+STATISTICS = ("mean", "sem", "std", "ci_low", "ci_high", "n_prompts", "n", "p_signflip", "q_bh", "significant_bh")
 TOP = 20
 # Page order: the baseline, the attribution tables, the patching sweeps, then anything else.
 ORDER = ("logit_diff", "head_attribution", "layer_attribution", "patch_", "attrpatch_")
@@ -141,7 +141,7 @@ def read_table(run: Run, name: str) -> pd.DataFrame | None:
     if "mean" not in df.columns:
         return None
     for column in df.columns:
-        numbers = pd.to_numeric(df[column].mask(df[column] == ""), errors="coerce")
+        numbers = pd.to_numeric(df[column].mask(df[column] == "").replace({"True": "1", "False": "0"}), errors="coerce")
         all_numbers = (numbers.notna() | (df[column] == "")).all()
         has_decimals = all_numbers and (numbers.dropna() % 1 != 0).any()
         if column in STATISTICS or column.startswith(tuple(f"{stat}_" for stat in STATISTICS)) or has_decimals:

@@ -154,7 +154,8 @@ def baseline_null(observed: np.ndarray, pair_ids, features, n_perm: int, n_boot:
         table.append({"feature": name, "n_prompts": int(mask.sum()), "n_pairs": len(set(inverse[mask])),
                       "gap": gap, "ci_low": float(ci[0]), "ci_high": float(ci[1]), "null_mean": float(null_means.mean()),
                       "null_low": float(band[0]), "null_high": float(band[1]),
-                      "p_perm": float(p_value(np.array(gap), null_means, exact, "greater"))})
+                      "p_perm": float(p_value(np.array(gap), null_means, exact, "greater")),
+                      "null_draws": len(patterns), "null_exact": exact})
     return pd.DataFrame(table)
 
 

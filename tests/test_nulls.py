@@ -16,6 +16,7 @@ from pipeline.data.resources import load_attributes
 from pipeline.errors import PipelineError
 from pipeline.nulls import baseline_null, benjamini_hochberg, list_agreement, sign_flip_test
 from pipeline.runner import run
+from pipeline.stages.report import build_report
 from pipeline.stats import summary_table
 from conftest import make_cfg
 
@@ -176,3 +177,9 @@ def test_stages_write_nulls_and_significance(tmp_path, tiny_model):
     assert {"overlap_top_k", "spearman", "p_spearman"} <= set(json.loads((tmp_path / "tables" / "katz_braly_agreement.json").read_text()))
     heads = pd.read_csv(tmp_path / "tables" / "head_attribution.csv")
     assert heads.p_signflip.between(0, 1).all() and heads.significant_bh.dtype == bool
+    page = build_report(tmp_path)
+    section = page[page.index('<section id="nulls">'):]
+    section = section[:section.index("</section>")]
+    assert "Is the effect real?" in section and "cross_fit" in section and "Katz" in section
+    assert f"{null.p_perm[0]:.3f}" in section and "head_attribution.csv" in section
+    assert "null 95% band" in page[page.index('<section id="baseline">'):page.index('<section id="nulls">')]

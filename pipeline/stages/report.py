@@ -44,7 +44,9 @@ POSITIVE, NEGATIVE = ("red", "blue") if DIVERGING.endswith("_r") else ("blue", "
 # caption of the longest key its stem starts with (`patch_head_out_by_feature` -> `patch_head_out`).
 CAPTIONS = {
     "attribute_association": "Mean log p(attribute | AAE) - log p(attribute | SAE) over pairs and templates, "
-                             "with 95% intervals: red bars are more likely after AAE, blue bars after SAE.",
+                             "with 95% intervals: red bars are more likely after AAE, blue bars after SAE. Grey: "
+                             "the 95% band of the same mean when the guises of random pairs are swapped (no dialect "
+                             "effect); * marks attributes significant after Benjamini-Hochberg.",
     "baseline_logit_diff": "One point per prompt: its logit difference (correct - incorrect answer) in the clean "
                            "and the corrupted run, by dialect feature; the gap between the two is what patching "
                            "restores.",
@@ -53,7 +55,9 @@ CAPTIONS = {
     "layer_attribution": "Direct logit attribution per layer: how much each attention and MLP output writes the "
                          "logit difference directly; positive pushes toward the correct answer.",
     "head_attribution": "Direct logit attribution of each head (rows = layers, columns = heads): "
-                        f"{POSITIVE} heads push toward the correct answer, {NEGATIVE} heads against it.",
+                        f"{POSITIVE} heads push toward the correct answer, {NEGATIVE} heads against it. Circled "
+                        "heads differ from 0 after Benjamini-Hochberg over all heads (sign-flip permutation test "
+                        "over pairs); hover for the p and q of each head.",
     "head_attribution_by_feature": "Head attribution split by dialect feature on one shared colour scale: a head "
                                    "that matters for one feature only stands out in that panel.",
     "attention_top_heads": "Attention patterns of the heads with the largest positive and negative attribution on "
@@ -276,16 +280,24 @@ def association_tables(table: pd.DataFrame) -> dict:
 
 
 def baseline_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
-    data = {"means": None, "by_feature": [], "test_prompt": "", "figure": None}
+    data = {"means": None, "by_feature": [], "by_feature_header": [], "test_prompt": "", "figure": None}
     path = run_dir / "tables" / "baseline.json"
     if path.exists():
         base = read_json(path)
         clean, corrupted = base.get("clean_mean_logit_diff"), base.get("corrupted_mean_logit_diff")
         data["means"] = {"n_prompts": base.get("n_prompts", "-"), "clean": clean, "corrupted": corrupted,
-                         "gap": clean - corrupted if is_number(clean) and is_number(corrupted) else None}
+                         "gap": clean - corrupted if is_number(clean) and is_number(corrupted) else None, "null": None}
+        # The gap against its guise permutation null (cache stage; details in the nulls section).
+        null = {r["feature"]: r for r in base.get("gap_null") or []}
+        if "all" in null:
+            r = null["all"]
+            data["means"]["null"] = {"interval": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                                     "band": f"[{r['null_low']:.3f}, {r['null_high']:.3f}]", "p": r["p_perm"]}
         for feature, v in sorted((base.get("by_feature") or {}).items()):
             c, k = v.get("clean_logit_diff"), v.get("corrupted_logit_diff")
-            data["by_feature"].append([feature, c, k, c - k if is_number(c) and is_number(k) else "-"])
+            data["by_feature"].append([feature, c, k, c - k if is_number(c) and is_number(k) else "-"]
+                                      + ([null.get(feature, {}).get("p_perm", "-")] if null else []))
+        data["by_feature_header"] = ["feature", "clean", "corrupted", "gap"] + (["p (null)"] if null else [])
     text = run_dir / "tables" / "test_prompt.txt"
     if text.exists():
         data["test_prompt"] = text.read_text()
@@ -326,8 +338,63 @@ def files_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     return [Section("files", "Tables and tensors", "report/files.html.j2", {"folders": folders}, nav="Tables")]
 
 
+RULE_TEXT = {
+    "per_prompt": "per_prompt: each prompt's answers are the most and least AAE-associated attributes of its own "
+                  "probing (the notebook's rule). Its gap is then max - min of the prompt's own associations: positive "
+                  "by construction, and unchanged when the prompt's guises are swapped, so the null below equals the "
+                  "observed gap and p = 1. This gap says nothing about dialect; use cross_fit or global to measure it.",
+    "cross_fit": "cross_fit: each prompt's answers are the attributes most and least associated with AAE over all "
+                 "other pairs (leave one pair out), so a prompt's own probing never picks its answers. With no "
+                 "dialect effect the gap is centred on 0.",
+    "global": "global: one answer pair for every prompt (dataset.answer_pair, or the most and least associated over "
+              "all pairs; picked on the same data, that pair's gap is biased upward, which the null below repeats).",
+    "fixed (dataset.path)": "The answers come from the dataset file (dataset.path) and are fixed: swapping a prompt's "
+                            "guises negates its gap.",
+}
+
+
+def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """Is the effect real? The baseline gap against its guise permutation null, the attribute
+    associations and Katz-Braly agreement against theirs, and how many ranked components survive
+    the false-discovery-rate correction."""
+    tables = run_dir / "tables"
+    path = tables / "baseline_null.csv"
+    if not path.exists():
+        return []
+    null = pd.read_csv(path, keep_default_na=False)
+    rule = str(null.answers[0])
+    rows = [[r.feature, int(r.n_prompts), int(r.n_pairs), float(r.gap), f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+             f"[{r.null_low:.3f}, {r.null_high:.3f}]", float(r.p_perm)] for r in null.itertuples()]
+    n_perm = int(null.null_draws[0]) if "null_draws" in null else None
+    data = {"rule": rule, "rule_text": RULE_TEXT.get(rule, rule), "rows": rows, "n_perm": n_perm, "association": None,
+            "katz_braly": None, "ranked": []}
+    path = tables / "attribute_association.csv"
+    if path.exists():
+        assoc = pd.read_csv(path)
+        if "significant_bh" in assoc:
+            sig = assoc[assoc.significant_bh.astype(bool)]
+            data["association"] = {"n": len(assoc), "aae": list(sig[sig.association > 0].attribute),
+                                   "sae": list(sig[sig.association < 0].attribute)}
+    path = tables / "katz_braly_agreement.json"
+    if path.exists():
+        data["katz_braly"] = read_json(path)
+    for name, what in (("head_attribution.csv", "heads (direct logit attribution, clean prompts)"),
+                       ("patch_resid_pre.csv", "residual stream cells (exact patching)"),
+                       ("patch_block.csv", "block cells (exact patching)"),
+                       ("patch_head_out.csv", "heads (exact patching)"),
+                       ("patch_head_parts.csv", "head parts (exact patching)"),
+                       ("attrpatch_head_out.csv", "heads (attribution patching, all prompts)")):
+        if (tables / name).exists():
+            t = pd.read_csv(tables / name)
+            if "significant_bh" in t:
+                n_prompts = int(t.n_prompts.max()) if len(t) else 0
+                data["ranked"].append([name, what, int(t.significant_bh.astype(bool).sum()), len(t), n_prompts,
+                                       float(t.p_signflip.min()) if len(t) else "-"])
+    return [Section("nulls", "Is the effect real?", "report/nulls.html.j2", data, nav="Nulls")]
+
+
 # The page's sections in order; each returns [] when the run holds nothing for it.
-SECTIONS = [run_section, dataset_section, baseline_section, figure_sections, files_section]
+SECTIONS = [run_section, dataset_section, baseline_section, nulls_section, figure_sections, files_section]
 
 
 # ---------------------------------------------------------------- the page
