@@ -18,7 +18,8 @@ from pipeline.nulls import baseline_null, benjamini_hochberg, list_agreement, si
 from pipeline.runner import run
 from pipeline.stages.report import build_report
 from pipeline.stats import summary_table
-from conftest import make_cfg
+from conftest import make_cfg, run_cli
+from test_bad_input import check_error
 
 
 def test_sign_flip_worked_example():
@@ -183,3 +184,11 @@ def test_stages_write_nulls_and_significance(tmp_path, tiny_model):
     assert "Is the effect real?" in section and "cross_fit" in section and "Katz" in section
     assert f"{null.p_perm[0]:.3f}" in section and "head_attribution.csv" in section
     assert "null 95% band" in page[page.index('<section id="baseline">'):page.index('<section id="nulls">')]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["dataset.answers=best"], ["dataset.answers='best'", "cross_fit"]),
+    (["dataset.answers=global", "dataset.answer_pair=[lazy,no-such-trait]"], ["dataset.answer_pair", "'no-such-trait'"]),
+], ids=["unknown-rule", "unknown-attribute"])
+def test_bad_answer_config_is_one_line(tmp_path, args, needles):
+    check_error(run_cli(["model=tiny", "stage=data", "dataset.max_prompts=4", *args], cwd=tmp_path), *needles)
