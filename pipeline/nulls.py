@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.answers import choose_answers, gaps
+from pipeline.errors import PipelineError
 
 # Ties with the observed value count as "at least as extreme" (floating-point noise of a sum
 # taken in another order must not make an exact tie look smaller).
@@ -127,6 +128,13 @@ def baseline_null(observed: np.ndarray, pair_ids, features, n_perm: int, n_boot:
     gap_of = GapProcedure(observed, pair_ids, assoc, names, rule, answer_pair)
     n_rows = len(gap_of.observed)
     inverse, n_units = unit_index(pair_ids)
+    if assoc is not None:
+        # The observed gap as the null computes it (float64), so that an unchanged swap ties exactly.
+        again = gap_of(np.arange(n_rows), np.ones(n_rows))
+        if not np.allclose(again, gap_of.observed, atol=1e-3):
+            raise PipelineError(f"the dataset's answers are not those of dataset.answers={rule} on its probing "
+                                f"(largest gap difference {np.abs(again - gap_of.observed).max():.3g})")
+        gap_of.observed = again
     feats = np.asarray(features, dtype=str) if features is not None else np.full(n_rows, "all")
     groups = [("all", np.ones(n_rows, bool))]
     if len(set(feats)) > 1:
