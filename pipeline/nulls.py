@@ -149,16 +149,20 @@ def baseline_null(observed: np.ndarray, pair_ids, features, n_perm: int, n_boot:
     rng = np.random.default_rng(seed)
     boot = np.empty((n_boot, len(groups)))
     for b in range(n_boot):
-        rows = np.concatenate([unit_rows[u] for stratum in strata for u in rng.choice(stratum, len(stratum))])
+        draw = [u for stratum in strata for u in rng.choice(stratum, len(stratum))]
+        if rule == "cross_fit" and len(set(draw)) < 2:  # one pair drawn every time: nothing to cross-fit on
+            boot[b] = np.nan
+            continue
+        rows = np.concatenate([unit_rows[u] for u in draw])
         g = gap_of(rows, np.ones(len(rows)))
-        boot[b] = [g[mask[rows]].mean() for _, mask in groups]
+        boot[b] = [g[mask[rows]].mean() if mask[rows].any() else np.nan for _, mask in groups]
 
     table = []
     for k, (name, mask) in enumerate(groups):
         gap = float(gap_of.observed[mask].mean())
         null_means = null[:, mask].mean(1)
         band = np.quantile(null_means, [0.025, 0.975])
-        ci = np.quantile(boot[:, k], [0.025, 0.975])
+        ci = np.nanquantile(boot[:, k], [0.025, 0.975]) if np.isfinite(boot[:, k]).any() else (np.nan, np.nan)
         table.append({"feature": name, "n_prompts": int(mask.sum()), "n_pairs": len(set(inverse[mask])),
                       "gap": gap, "ci_low": float(ci[0]), "ci_high": float(ci[1]), "null_mean": float(null_means.mean()),
                       "null_low": float(band[0]), "null_high": float(band[1]),
