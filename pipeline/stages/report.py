@@ -267,7 +267,7 @@ def feature_rows(df: pd.DataFrame) -> list[list]:
 
 def association_tables(table: pd.DataFrame) -> dict:
     """The 10 most AAE-associated and the 10 most SAE-associated attributes."""
-    columns = [c for c in ("attribute", "association", "ci_low", "ci_high", "n_prompts") if c in table]
+    columns = [c for c in ("attribute", "association", "ci_low", "ci_high", "null_low", "null_high", "p_perm", "n_prompts") if c in table]
     table = table.sort_values("association", ascending=False)
     top = table.head(10)
     bottom = table.iloc[len(top):].tail(10).iloc[::-1]
