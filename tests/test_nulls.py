@@ -178,6 +178,8 @@ def test_stages_write_nulls_and_significance(tmp_path, tiny_model):
     assert {"overlap_top_k", "spearman", "p_spearman"} <= set(json.loads((tmp_path / "tables" / "katz_braly_agreement.json").read_text()))
     heads = pd.read_csv(tmp_path / "tables" / "head_attribution.csv")
     assert heads.p_signflip.between(0, 1).all() and heads.significant_bh.dtype == bool
+    both = pd.read_csv(tmp_path / "tables" / "head_attribution_both_sides.csv").pivot(index="name", columns="side", values="mean")
+    np.testing.assert_allclose(both["difference"], both["clean"] - both["corrupted"], atol=1e-5)
     page = build_report(tmp_path)
     section = page[page.index('<section id="nulls">'):]
     section = section[:section.index("</section>")]

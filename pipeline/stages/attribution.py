@@ -54,11 +54,15 @@ def run(ctx) -> None:
                   metadata={"logit_lens": json.dumps(labels["logit_lens"]), "layer": json.dumps(labels["layer"]),
                             "head": "[n_layers, n_heads, n_prompts]", "prompts": "rows of dataset.csv"})
 
-    # Tables: one row per component, clean and corrupted side by side.
+    # Tables: one row per component, clean and corrupted side by side, and their difference per
+    # prompt (side "difference"): what the dialect changes in each component, whose sign-flip test
+    # over pairs is the guise-swap null of that component.
     def table(key, keys):
         parts = []
-        for side, r in results.items():
-            values = r[key].reshape(-1, r[key].shape[-1])
+        sides = {side: r[key] for side, r in results.items()}
+        sides["difference"] = results["clean"][key] - results["corrupted"][key]
+        for side, v in sides.items():
+            values = v.reshape(-1, v.shape[-1])
             parts.append(summary_table(values, keys.assign(side=side), features, n_boot, seed,
                                        int(cfg.nulls.permutations), float(cfg.nulls.fdr), units_of(ctx.dataset)))
         return pd.concat(parts, ignore_index=True)

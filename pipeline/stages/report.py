@@ -378,17 +378,21 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     path = tables / "katz_braly_agreement.json"
     if path.exists():
         data["katz_braly"] = read_json(path)
-    for name, what in (("head_attribution.csv", "heads (direct logit attribution, clean prompts)"),
-                       ("patch_resid_pre.csv", "residual stream cells (exact patching)"),
-                       ("patch_block.csv", "block cells (exact patching)"),
-                       ("patch_head_out.csv", "heads (exact patching)"),
-                       ("patch_head_parts.csv", "head parts (exact patching)"),
-                       ("attrpatch_head_out.csv", "heads (attribution patching, all prompts)")):
+    for name, side, what in (("head_attribution.csv", None, "heads (direct logit attribution, clean prompts)"),
+                             ("head_attribution_both_sides.csv", "difference",
+                              "heads (attribution clean - corrupted: what the dialect changes)"),
+                             ("patch_resid_pre.csv", None, "residual stream cells (exact patching)"),
+                             ("patch_block.csv", None, "block cells (exact patching)"),
+                             ("patch_head_out.csv", None, "heads (exact patching)"),
+                             ("patch_head_parts.csv", None, "head parts (exact patching)"),
+                             ("attrpatch_head_out.csv", None, "heads (attribution patching, all prompts)")):
         if (tables / name).exists():
             t = pd.read_csv(tables / name)
-            if "significant_bh" in t:
+            if side is not None:
+                t = t[t.side == side] if "side" in t else t.iloc[:0]
+            if "significant_bh" in t and len(t):
                 n_prompts = int(t.n_prompts.max()) if len(t) else 0
-                data["ranked"].append([name, what, int(t.significant_bh.astype(bool).sum()), len(t), n_prompts,
+                data["ranked"].append([name + (f" (side {side})" if side else ""), what, int(t.significant_bh.astype(bool).sum()), len(t), n_prompts,
                                        float(t.p_signflip.min()) if len(t) else "-"])
     return [Section("nulls", "Is the effect real?", "report/nulls.html.j2", data, nav="Nulls")]
 
