@@ -349,7 +349,9 @@ RULE_TEXT = {
     "global": "global: one answer pair for every prompt (dataset.answer_pair, or the most and least associated over "
               "all pairs; picked on the same data, that pair's gap is biased upward, which the null below repeats).",
     "fixed (dataset.path)": "The answers come from the dataset file (dataset.path) and are fixed: swapping a prompt's "
-                            "guises negates its gap.",
+                            "guises negates its gap. If the file's answers were picked from this model's own probing of "
+                            "these prompts (as the notebook's were), this null cannot know it and its p is too small: "
+                            "build the dataset with dataset.answers=cross_fit instead.",
 }
 
 
