@@ -65,9 +65,9 @@ class RunContext:
 
         self.cfg = cfg
         self.load_model = load_model  # None: pipeline.model.load_model (pipeline/api.py passes its cache)
-        if cfg.metric.name != "logit_diff":
-            # Attribution closes and the fast engine projects on a direction only for a linear metric.
-            raise PipelineError(f"metric={cfg.metric.name!r} is not supported; the stages need logit_diff")
+        from pipeline.metrics import check_metric
+
+        check_metric(str(cfg.metric.name))  # each stage refuses a metric it cannot use (pipeline/metrics.py)
         self.run_dir = Path(run_dir)
         self.device = resolve_device(str(cfg.device))
         self.dtype = resolve_dtype(str(cfg.dtype))
@@ -162,7 +162,7 @@ def refused(path: Path, cfg, err: PipelineError, command: str | None = None) -> 
     write_json(path, data)
 
 
-STAGES = ("data", "cache", "attribution", "patching", "report")
+STAGES = ("data", "cache", "attribution", "patching", "circuit", "report")
 
 
 def stage_function(name: str):

@@ -33,6 +33,9 @@ def top_heads(mean: torch.Tensor, k: int, sign: int) -> list[tuple[int, int]]:
 
 def run(ctx) -> None:
     cfg, model, pairs = ctx.cfg, ctx.model, ctx.pairs
+    if str(cfg.metric.name) != "logit_diff":
+        log.info("attribution: direct logit attribution decomposes the logit difference; it stays a logit-difference "
+                 "analysis under metric=%s", cfg.metric.name)
     bs, n_boot, seed = int(cfg.batch_size), int(cfg.attribution.bootstrap), int(cfg.seed)
     features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads

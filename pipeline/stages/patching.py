@@ -18,7 +18,7 @@ import torch
 from pipeline import figures
 from pipeline.artifacts import read_tensors, write_figure, write_table, write_tensors
 from pipeline.errors import PipelineError
-from pipeline.metrics import Anchors
+from pipeline.metrics import LINEAR_METRICS, Anchors, check_metric
 from pipeline.patching import attribution_patching
 from pipeline.patching.engine import run_cells
 from pipeline.patching.sweeps import PART_TITLES, PARTS, SWEEPS, axis_size, cells_of, check_sweeps
@@ -98,6 +98,8 @@ def hover_text(table: pd.DataFrame, shape) -> np.ndarray:
 
 
 def run(ctx) -> None:
+    check_metric(str(ctx.cfg.metric.name), LINEAR_METRICS,
+                 "the patching stage (its fast engine projects on the logit-difference direction; use stage=circuit for other metrics)")
     cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.pairs
     pcfg = cfg.patching
     sweeps = check_sweeps(pcfg.sweeps)

@@ -1,0 +1,147 @@
+"""Path patching as in ARENA's IOI tutorial, in the denoising direction of the node sweeps: on the
+corrupted run, one sender head takes its clean output (at role-matched positions), every other
+head is frozen at its corrupted output, MLPs and norms recompute, and the receivers read the
+result. Receivers are the final residual stream (`logits`, the default: the metric of that run
+is the answer), or a list of head inputs like `a3.h1.q`, `a3.h0.k` (k and v count key/value
+heads), in which case a second corrupted run takes only the receivers' inputs from the first.
+Senders are every head in a layer below the lowest receiver. Values are normalized like the
+node sweeps: 0 = corrupted, 1 = clean (pipeline/metrics.py Anchors, per prompt).
+
+TransformerLens has no path-patching function (the tutorial writes it by hand on hooks), so it
+is written here on the bridge's per-head result and input hooks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.circuit.graph import Graph, enable_edge_hooks
+from pipeline.errors import PipelineError
+from pipeline.forward import last_token_logits, model_device
+from pipeline.metrics import Anchors, metric_values
+from pipeline.patching.sweeps import all_position_pairs
+from pipeline.prompts import PairedPrompts, PromptBatch, micro_batches
+
+
+def parse_receivers(receivers, graph: Graph) -> list[tuple[int, str, int]] | None:
+    """None for the final residual stream, else [(layer, q|k|v, head or kv head)]."""
+    if receivers in (None, "logits") or list(receivers) == ["logits"]:
+        return None
+    out = []
+    for r in receivers:
+        m = re.fullmatch(r"a(\d+)\.(?:h|kv)(\d+)\.([qkv])", str(r))
+        if not m:
+            raise PipelineError(f"circuit.path_patching.receivers: {r!r} is not `logits` or like a3.h1.q / a3.kv0.k")
+        layer, head, kind = int(m[1]), int(m[2]), m[3]
+        n = graph.n_heads if kind == "q" else graph.n_kv_heads
+        if not (0 < layer < graph.n_layers and head < n):
+            raise PipelineError(f"circuit.path_patching.receivers: {r!r} is outside the model (layers 1..{graph.n_layers - 1}, {n} heads for {kind})")
+        out.append((layer, kind, head))
+    return out
+
+
+def _results(model, graph, mb, extra=()):
+    """Every head's output [b, pos, layer, head, d] and the last-token logits."""
+    b, s = mb.tokens.shape
+    out = torch.zeros(b, s, graph.n_layers, graph.n_heads, model.cfg.d_model, device=mb.tokens.device)
+
+    def keep(layer):
+        def f(x, hook):
+            out[:, :, layer] = x.float()
+            return x
+        return f
+
+    with torch.no_grad():
+        logits = last_token_logits(model, mb, [*extra, *[(graph.head_out_hook(l), keep(l)) for l in range(graph.n_layers)]])
+    return out, logits
+
+
+def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_size: int = 8,
+               rows_per_run: int = 64, desc: str | None = None) -> tuple[torch.Tensor, Anchors]:
+    """[layer, head, prompt] normalized path-patching effect of each sender head (NaN for heads
+    that are not senders), and the anchors used."""
+    enable_edge_hooks(model)
+    graph = Graph.of(model)
+    recv = parse_receivers(receivers, graph)
+    top = graph.n_layers if recv is None else min(r[0] for r in recv)
+    senders = [(l, h) for l in range(top) for h in range(graph.n_heads)]
+    n = len(pairs)
+    raw = torch.full((graph.n_layers, graph.n_heads, n), float("nan"))
+    clean_m, corr_m = torch.zeros(n), torch.zeros(n)
+    all_pos = all_position_pairs(pairs)
+    device = model_device(model)
+    chunks = list(micro_batches(n, batch_size))
+    for rows in tqdm(chunks, desc=desc, disable=desc is None):
+        clean = pairs.clean.slice(rows).to(device)
+        corr = pairs.corrupted.slice(rows).to(device)
+        answers = pairs.answers[rows].to(device)
+        clean_res, clean_last = _results(model, graph, clean)
+        corr_res, corr_last = _results(model, graph, corr)
+        clean_m[rows] = metric_values(metric, clean_last, answers, clean_last).cpu()
+        corr_m[rows] = metric_values(metric, corr_last, answers, clean_last).cpu()
+        # the clean output of every head in corrupted coordinates (unmatched positions keep corrupted)
+        mapped = corr_res.clone()
+        for j, i in enumerate(range(rows.start, rows.stop)):
+            k_pos, c_pos = all_pos[i]
+            mapped[j, k_pos.to(device)] = clean_res[j, c_pos.to(device)]
+        b = len(answers)
+        per_run = max(1, int(rows_per_run) // b)
+        for start in range(0, len(senders), per_run):
+            group = senders[start:start + per_run]
+            values = _run_senders(model, graph, corr, corr_res, mapped, group, recv, answers, clean_last, metric)
+            for g, (l, h) in enumerate(group):
+                raw[l, h, rows] = values[g * b:(g + 1) * b].cpu()
+    anchors = Anchors.from_logit_diffs(clean_m, corr_m)
+    if abs(anchors.clean - anchors.corrupted) < 1e-9:
+        raise PipelineError("path patching: the clean and corrupted mean metric are equal, the normalized metric is undefined")
+    return anchors.normalize(raw), anchors
+
+
+def _repeat(mb: PromptBatch, c: int) -> PromptBatch:
+    return PromptBatch(mb.prompts * c, mb.tokens.repeat(c, 1), mb.attention_mask.repeat(c, 1), mb.last.repeat(c),
+                       mb.role_labels * c, mb.str_tokens * c)
+
+
+def _run_senders(model, graph, corr, corr_res, mapped, group, recv, answers, clean_last, metric):
+    c, b = len(group), len(answers)
+    batch = _repeat(corr, c)
+
+    def freeze(layer):
+        def f(x, hook):
+            new = corr_res[:, :, layer].repeat(c, 1, 1, 1)
+            for g, (l, h) in enumerate(group):
+                if l == layer:
+                    new[g * b:(g + 1) * b, :, h] = mapped[:, :, layer, h]
+            return new.to(x.dtype)
+        return f
+
+    hooks = [(graph.head_out_hook(l), freeze(l)) for l in range(graph.n_layers)]
+    if recv is None:
+        with torch.no_grad():
+            last = last_token_logits(model, batch, hooks)
+    else:
+        captured = {}
+
+        def grab(key, index):
+            def f(x, hook):
+                captured[key] = x[:, :, index].clone()
+                return x
+            return f
+
+        first = hooks + [(graph.in_hook(l, kind), grab((l, kind, i), i)) for l, kind, i in recv]
+        with torch.no_grad():
+            last_token_logits(model, batch, first)
+
+        def put(key, index):
+            def f(x, hook):
+                x = x.clone()
+                x[:, :, index] = captured[key].to(x.dtype)
+                return x
+            return f
+
+        with torch.no_grad():
+            last = last_token_logits(model, batch, [(graph.in_hook(l, kind), put((l, kind, i), i)) for l, kind, i in recv])
+    return metric_values(metric, last, answers.repeat(c, 1), clean_last.repeat(c, 1)).float()

@@ -1,0 +1,208 @@
+"""Stage `circuit`: edge-level circuit discovery and its exact evaluation.
+
+1. Edge scores (pipeline/circuit/edges.py) with `circuit.method` (eap | eap_ig) on the first
+   `circuit.score_prompts` prompts, and with the other method too when `circuit.compare_methods`.
+2. Circuits of each size (`circuit.smallest` .. 100% of edges, `circuit.n_sizes` log-spaced): the
+   edges of largest |mean score|, and a random circuit of each size as the baseline; evaluated
+   exactly on the first `circuit.eval_prompts` prompts: faithfulness curve, CPR, CMD, 95% intervals.
+3. Scores against exact single-edge patching on the top `circuit.edge_check.top` edges and
+   `circuit.edge_check.random` others: Pearson r and top-k overlap per method.
+4. Path patching (pipeline/circuit/path_patching.py): sender heads -> `circuit.path_patching.receivers`.
+Each long part is checkpointed under tensors/.partial/, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import figures
+from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
+from pipeline.circuit import edges
+from pipeline.circuit.faithfulness import curve_summary, edge_counts, random_circuits, size_grid, top_circuits
+from pipeline.circuit.graph import Graph, edge_hooks
+from pipeline.circuit.path_patching import path_patch
+from pipeline.circuit import plots
+from pipeline.metrics import check_metric
+from pipeline.stages.patching import PartCheckpoint
+from pipeline.stats import summary_table
+
+log = logging.getLogger(__name__)
+
+
+def prompt_count(value, n_all: int) -> int:
+    return n_all if value is None else max(1, min(int(value), n_all))
+
+
+def run(ctx) -> None:
+    cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.pairs
+    c = cfg.circuit
+    metric = check_metric(str(cfg.metric.name))
+    edges.check_method(str(c.method), metric)
+    methods = [str(c.method)]
+    other = "eap" if c.method == "eap_ig" else "eap_ig"
+    if c.compare_methods and not (other == "eap" and metric == "kl_div"):
+        methods.append(other)
+    n_score = prompt_count(c.score_prompts, len(pairs_all))
+    n_eval = min(prompt_count(c.eval_prompts, len(pairs_all)), n_score)
+    bs, rows_per_run, every = int(c.batch_size), int(c.rows_per_run), int(c.checkpoint_every)
+    partial = ctx.tensors / ".partial"
+
+    with edge_hooks(model):
+        graph = Graph.of(model)
+        log.info("circuit graph: %s", graph.summary())
+        score_pairs, eval_pairs = pairs_all.head(n_score), pairs_all.head(n_eval)
+
+        scores = {}
+        for method in methods:
+            ck = PartCheckpoint(partial / f"circuit_scores_{method}.safetensors", every)
+            done, values = ck.load()
+            values = edges.edge_scores(model, score_pairs, metric, method, int(c.ig_steps), bs, done, values,
+                                       on_progress=ck, desc=f"circuit scores {method}")
+            scores[method] = values
+            write_tensors(ctx.tensors / f"circuit_scores_{method}.safetensors", {"per_prompt": values, "mean": values.mean(0)},
+                          metadata={"axes": "[prompt, edge]", "method": method, "metric": metric,
+                                    "ig_steps": str(c.ig_steps), "graph": graph.summary()})
+            ck.remove()
+
+        # Every circuit evaluated exactly, in one checkpointed pass over the evaluation prompts.
+        fractions = size_grid(float(c.smallest), int(c.n_sizes))
+        counts = edge_counts(fractions, graph.n_edges)
+        main = scores[methods[0]].mean(0)
+        check_edges = edge_sample(main, int(c.edge_check.top), int(c.edge_check.random), int(cfg.seed))
+        blocks = {"full": torch.ones(1, graph.n_edges, dtype=torch.bool), "empty": torch.zeros(1, graph.n_edges, dtype=torch.bool)}
+        for method in methods:
+            blocks[method] = top_circuits(scores[method].mean(0), counts)
+        blocks["random"] = random_circuits(graph.n_edges, counts, int(cfg.seed))
+        minus_one = torch.ones(len(check_edges), graph.n_edges, dtype=torch.bool)
+        minus_one[torch.arange(len(check_edges)), check_edges] = False
+        blocks["edge_patching"] = minus_one
+        circuits = torch.cat(list(blocks.values()))
+        ck = PartCheckpoint(partial / "circuit_eval.safetensors", every)
+        done, values = ck.load()
+        m = edges.evaluate(model, eval_pairs, circuits, metric, bs, rows_per_run, done, values, on_progress=ck,
+                           desc=f"circuit evaluation ({len(circuits)} circuits)")
+        split = dict(zip(blocks, torch.split(m, [len(b) for b in blocks.values()])))
+        write_tensors(ctx.tensors / "circuit_eval.safetensors", {**{k: v for k, v in split.items()}, "fractions": torch.tensor(fractions),
+                                                                 "check_edges": check_edges, **{f"circuit_{k}": blocks[k] for k in methods}},
+                      metadata={"axes": "[circuit, prompt]", "metric": metric})
+        ck.remove()
+
+        pp = None
+        if c.path_patching.enabled:
+            n_pp = prompt_count(c.path_patching.prompts, n_eval)
+            pp, pp_anchors = path_patch(model, pairs_all.head(n_pp), metric, c.path_patching.receivers, bs,
+                                        rows_per_run, desc="path patching")
+            write_tensors(ctx.tensors / "path_patching.safetensors", {"normalized": pp},
+                          metadata={"axes": "[layer, head, prompt]", "receivers": str(c.path_patching.receivers)})
+
+    write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric)
+
+
+def edge_sample(scores: torch.Tensor, top: int, n_random: int, seed: int) -> torch.Tensor:
+    """The `top` edges of largest |score| and `n_random` others drawn at random."""
+    order = torch.argsort(scores.abs(), descending=True, stable=True)
+    head = order[:top]
+    rest = order[top:]
+    g = torch.Generator().manual_seed(seed)
+    pick = rest[torch.randperm(len(rest), generator=g)[:n_random]]
+    return torch.cat([head, pick])
+
+
+def agreement(exact: np.ndarray, approx: np.ndarray, k: int) -> dict:
+    ok = np.isfinite(exact) & np.isfinite(approx)
+    e, a = exact[ok], approx[ok]
+    r = float(np.corrcoef(e, a)[0, 1]) if len(e) > 2 and e.std() > 0 and a.std() > 0 else float("nan")
+    k = min(k, len(e))
+    overlap = len(set(np.argsort(-np.abs(e))[:k]) & set(np.argsort(-np.abs(a))[:k]))
+    return {"pearson_r": r, "top_k": k, "top_k_overlap": overlap, "n_edges": int(ok.sum())}
+
+
+def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric) -> None:
+    cfg, c = ctx.cfg, ctx.cfg.circuit
+    n_boot, seed = int(c.bootstrap), int(cfg.seed)
+    names = graph.edge_names()
+    up, down = graph.edges
+
+    # Ranked edges, with intervals over prompts.
+    main = methods[0]
+    order = torch.argsort(scores[main].mean(0).abs(), descending=True)[: int(c.top_edges)]
+    keys = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "edge": [names[i] for i in order.tolist()],
+                         "upstream": [graph.up_names[int(up[i])] for i in order], "downstream": [graph.down_names[int(down[i])] for i in order]})
+    features = list(ctx.dataset["feature"][:n_score]) if "feature" in ctx.dataset else None
+    table = summary_table(scores[main][:, order].T, keys, features, n_boot, seed)
+    table.insert(4, "method", main)
+    write_table(ctx.tables / "circuit_edges.csv", table)
+
+    # Faithfulness curves.
+    full, empty = split["full"][0], split["empty"][0]
+    curves, rows = {}, []
+    for name in [*methods, "random"]:
+        s = curve_summary(fractions, split[name], full, empty, n_boot, seed)
+        curves[name] = s
+        for i, f in enumerate(fractions):
+            rows.append({"circuit": name, "fraction": f, "edges": counts[i], "faithfulness": s["faithfulness"][i],
+                         "ci_low": s["ci_low"][i], "ci_high": s["ci_high"][i], "metric_mean": float(split[name][i].mean())})
+    write_table(ctx.tables / "circuit_faithfulness.csv", pd.DataFrame(rows))
+
+    # Scores against exact single-edge patching (same prompts).
+    exact = (full[None, :] - split["edge_patching"]).mean(-1).numpy()  # m(full) - m(full without e)
+    agree, points = [], {}
+    for method in methods:
+        approx = scores[method][:n_eval, check_edges].mean(0).numpy()
+        agree.append({"method": method, **agreement(exact, approx, int(c.edge_check.top))})
+        points[method.upper().replace("_", "-")] = (exact, approx, [names[i] for i in check_edges.tolist()])
+    agree = pd.DataFrame(agree)
+    write_table(ctx.tables / "circuit_edge_agreement.csv", agree)
+
+    summary = {
+        "metric": metric, "methods": methods, "ig_steps": int(c.ig_steps), "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
+        "graph": graph.summary(), "score_prompts": n_score, "eval_prompts": n_eval,
+        "m_full": float(full.mean()), "m_empty": float(empty.mean()),
+        "curves": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"], "size_at_0.8": v["size_at_0.8"]}
+                   for k, v in curves.items()},
+        "edge_agreement": agree.to_dict("records"),
+    }
+    summary["empty_vs_corrupted"] = empty_gap(ctx, empty, metric, n_eval)
+    best = max(methods, key=lambda k: curves[k]["cpr"])
+    summary["winner"] = best
+    write_json(ctx.tables / "circuit_summary.json", summary)
+    for k in [*methods, "random"]:
+        v = curves[k]
+        log.info("circuit %s: CPR %.3f [%.3f, %.3f], CMD %.3f [%.3f, %.3f], faithfulness >= 0.8 at %s of edges",
+                 k, v["cpr"], *v["cpr_ci"], v["cmd"], *v["cmd_ci"], v["size_at_0.8"])
+    for r in agree.itertuples():
+        log.info("circuit scores %s vs exact edge patching: Pearson r %.3f, top-%d overlap %d", r.method, r.pearson_r, r.top_k, r.top_k_overlap)
+
+    write_figure(ctx.figures / "circuit_faithfulness.html", plots.faithfulness_curves(
+        {k: curves[k] for k in [*methods, "random"]}, fractions,
+        f"Faithfulness of the top-|score| circuits ({n_eval} prompts, {metric}, {cfg.direction.name})"))
+    write_figure(ctx.figures / "circuit_edge_agreement.html", figures.scatter_agreement(
+        points, f"Edge scores against exact single-edge patching ({n_eval} prompts)"))
+    size = curves[main]["size_at_0.8"] or fractions[-1]
+    k_draw = min(max(1, int(round(size * graph.n_edges))), int(c.draw_max_edges))
+    write_figure(ctx.figures / "circuit_graph.html", plots.circuit_graph(
+        graph, scores[main].mean(0), k_draw, f"Circuit: top {k_draw} edges by |{main} score| ({cfg.direction.name})"))
+    if pp is not None:
+        mean = torch.nanmean(pp, -1).numpy()
+        fig = figures.faceted_heatmaps([mean], [f"receivers: {c.path_patching.receivers}"],
+                                       [str(h) for h in range(graph.n_heads)], [str(l) for l in range(graph.n_layers)],
+                                       f"Path patching: sender head -> {c.path_patching.receivers} ({pp.shape[-1]} prompts)<br><sup>normalized: 0 = corrupted, 1 = clean</sup>",
+                                       "sender head", "layer")
+        write_figure(ctx.figures / "path_patching.html", fig)
+        keys = pd.DataFrame([(l, h) for l in range(graph.n_layers) for h in range(graph.n_heads)], columns=["layer", "head"])
+        write_table(ctx.tables / "path_patching.csv", summary_table(pp.reshape(-1, pp.shape[-1]), keys, None, n_boot, seed))
+
+
+def empty_gap(ctx, empty: torch.Tensor, metric: str, n_eval: int) -> dict:
+    """How far the empty circuit is from the corrupted run (0 on equal-length pairs)."""
+    from pipeline.artifacts import read_tensors
+
+    path = ctx.tensors / "baseline.safetensors"
+    if metric != "logit_diff" or not path.exists():
+        return {"note": "compared only for metric=logit_diff with the cache stage's baseline"}
+    corrupted = read_tensors(path)["corrupted_logit_diff"][:n_eval]
+    return {"mean_abs_gap": float((empty - corrupted).abs().mean()), "max_abs_gap": float((empty - corrupted).abs().max())}
