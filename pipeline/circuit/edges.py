@@ -64,22 +64,23 @@ def position_map(pairs: PairedPrompts, rows: slice, width: int, all_pos=None) ->
 
 
 def capture_outputs(model, graph: Graph, mb: PromptBatch, hooks=()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every upstream node's output [b, pos, n_up, d_model] and the last-token logits [b, vocab]."""
+    """Every upstream node's output [b, n_up, pos, d_model] and the last-token logits [b, vocab]."""
     b, s = mb.tokens.shape
-    out = torch.zeros(b, s, graph.n_up, model.cfg.d_model, device=mb.tokens.device)
+    out = torch.zeros(b, graph.n_up, s, model.cfg.d_model, device=mb.tokens.device)
     with torch.no_grad():
         logits = last_token_logits(model, mb, [*hooks, *upstream_writers(graph, out)])
     return out, logits
 
 
 def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | None = None):
-    """Hooks that write each upstream node's output (minus `minus`, if given) into buffer[:, :, node]."""
+    """Hooks that write each upstream node's output (minus `minus`, if given) into buffer[:, node].
+    Buffers are [batch, node, pos, d_model], so that a prefix of nodes is one strided block for
+    the batched matrix products below (no copies of the largest tensors)."""
     def writer(index):
         def write(x, hook):
             value = x.detach().float()
-            if value.dim() == 3:
-                value = value.unsqueeze(2)
-            buffer[:, :, index] = value - (minus[:, :, index] if minus is not None else 0)
+            value = value.unsqueeze(1) if value.dim() == 3 else value.transpose(1, 2)
+            buffer[:, index] = value - (minus[:, index] if minus is not None else 0)
             return x
         return write
 
@@ -105,7 +106,7 @@ class Reference:
 
     clean: PromptBatch
     answers: torch.Tensor
-    corrupted: torch.Tensor  # [b, pos, n_up, d_model], 0 where unmatched
+    corrupted: torch.Tensor  # [b, n_up, pos, d_model], 0 where unmatched
     matched: torch.Tensor  # [b, pos] bool
 
     @classmethod
@@ -116,14 +117,14 @@ class Reference:
         corr_out, _ = capture_outputs(model, graph, corrupted)
         pos = position_map(pairs, rows, clean.tokens.shape[1], all_pos).to(device)
         matched = pos >= 0
-        mapped = corr_out[torch.arange(len(pos), device=device)[:, None], pos.clamp(min=0)]
+        mapped = corr_out.transpose(1, 2)[torch.arange(len(pos), device=device)[:, None], pos.clamp(min=0)]  # [b, pos, up, d]
         mapped[~matched] = 0
-        return cls(clean, pairs.answers[rows].to(device), mapped, matched)
+        return cls(clean, pairs.answers[rows].to(device), mapped.transpose(1, 2).contiguous(), matched)
 
     def fill(self, clean_out: torch.Tensor) -> torch.Tensor:
         """The corrupted value of every output: matched positions from the corrupted run, the rest
         their own clean value."""
-        return torch.where(self.matched[:, :, None, None], self.corrupted, clean_out)
+        return torch.where(self.matched[:, None, :, None], self.corrupted, clean_out)
 
 
 def _no_param_grads(model):
@@ -158,8 +159,8 @@ def edge_scores(model, pairs: PairedPrompts, metric: str, method: str = "eap", i
             ref = Reference.make(model, graph, pairs, rows, all_pos)
             b, s = ref.clean.tokens.shape
             d = model.cfg.d_model
-            grads = torch.zeros(b, s, graph.n_down, d, device=ref.corrupted.device)
-            clean_out = torch.zeros(b, s, graph.n_up, d, device=grads.device)
+            grads = torch.zeros(b, graph.n_down, s, d, device=ref.corrupted.device)
+            clean_out = torch.zeros(b, graph.n_up, s, d, device=grads.device)
             clean_last = None
             for alpha in alphas:
                 hooks = _gradient_hooks(graph, ref, alpha, grads)
@@ -171,8 +172,8 @@ def edge_scores(model, pairs: PairedPrompts, metric: str, method: str = "eap", i
                         clean_last = last.detach()
                     m = metric_values(metric, last, ref.answers, clean_last)
                     m.sum().backward()  # prompts do not interact: each row's gradient is its own
-            diff = torch.where(ref.matched[:, :, None, None], clean_out - ref.corrupted, torch.zeros((), device=grads.device))
-            dense = torch.einsum("bsud,bsvd->buv", diff, grads) / len(alphas)
+            diff = torch.where(ref.matched[:, None, :, None], clean_out - ref.corrupted, torch.zeros((), device=grads.device))
+            dense = torch.bmm(diff.flatten(2), grads.flatten(2).transpose(1, 2)) / len(alphas)  # [b, up, down]
             values[rows] = graph.from_dense(dense).cpu()
             done[rows] = True
             if on_progress is not None:
@@ -188,14 +189,14 @@ def _gradient_hooks(graph: Graph, ref: Reference, alpha: float, grads: torch.Ten
     def interpolate(x, hook):
         if alpha == 1.0:
             return x.detach().requires_grad_(True)
-        corr = ref.fill(x.detach().float().unsqueeze(2))[:, :, 0]
+        corr = torch.where(ref.matched[:, :, None], ref.corrupted[:, 0], x.detach().float())
         new = corr + alpha * (x.detach().float() - corr)
         return new.to(x.dtype).requires_grad_(True)
 
     def catcher(index):
         def catch(x, hook):
             def add(g):
-                grads[:, :, index] += (g if g.dim() == 4 else g.unsqueeze(2)).float()
+                grads[:, index] += (g.transpose(1, 2) if g.dim() == 4 else g.unsqueeze(1)).float()
             # A fresh tensor: the MLP-input hook receives the residual stream tensor itself, whose
             # gradient would also count the residual path around the MLP.
             y = x.clone()
@@ -256,8 +257,9 @@ def _run_circuits(model, graph, ref: Reference, corrupted, clean_last, notin, me
             mask = rows_notin[:, :n_before, index]  # [rows, up, k]
             if not bool(mask.any()):
                 return x
-            delta = torch.einsum("rsud,ruk->rskd", diff[:, :, :n_before], mask)
-            return (x.float() - (delta if x.dim() == 4 else delta[:, :, 0])).to(x.dtype)
+            r, _, s, d = diff.shape
+            delta = torch.bmm(mask.transpose(1, 2), diff[:, :n_before].reshape(r, n_before, s * d)).view(r, -1, s, d)
+            return (x.float() - (delta.transpose(1, 2) if x.dim() == 4 else delta[:, 0])).to(x.dtype)
         return patch
 
     hooks = upstream_writers(graph, diff, minus=corr)

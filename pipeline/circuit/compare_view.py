@@ -1,0 +1,88 @@
+"""The circuit part of `dialect-circuits compare`: which edges two or more runs' circuits share,
+and their faithfulness curves on one plot."""
+
+from __future__ import annotations
+
+import html
+import json
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from pipeline.artifacts import read_tensors, write_table
+from pipeline.circuit.graph import Graph
+
+
+def _load(run):
+    summary_path = run.path / "tables" / "circuit_summary.json"
+    if not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    method = summary["methods"][0]
+    scores = read_tensors(run.path / "tensors" / f"circuit_scores_{method}.safetensors")["mean"]
+    curve = pd.read_csv(run.path / "tables" / "circuit_faithfulness.csv")
+    return summary, method, scores, curve
+
+
+def circuit_section(runs, out_dir) -> str | None:
+    """HTML for the comparison page (None when fewer than two runs have a circuit)."""
+    loaded = [(run, _load(run)) for run in runs]
+    loaded = [(run, x) for run, x in loaded if x is not None]
+    if len(loaded) < 2:
+        return None
+    n_edges = {x[0]["n_edges"] for _, x in loaded}
+    if len(n_edges) > 1:
+        return f"<h2>Circuit</h2><p>Not compared: the runs' graphs differ ({', '.join(map(str, sorted(n_edges)))} edges).</p>"
+    # Each run's circuit: the top edges up to the size where its faithfulness first reaches 0.8
+    # (its largest size if never); shared = in every run's circuit.
+    sizes, sets = [], []
+    for run, (summary, method, scores, _) in loaded:
+        frac = summary["curves"][method]["size_at_0.8"] or 1.0
+        k = max(1, int(round(frac * summary["n_edges"])))
+        sizes.append(k)
+        sets.append(set(np.argsort(-scores.abs().numpy())[:k].tolist()))
+    shared = set.intersection(*sets)
+    union = set.union(*sets)
+    summary0 = loaded[0][1][0]
+    names = None
+    graph_txt = summary0["graph"]
+    rows = []
+    for run, (summary, method, scores, _) in loaded:
+        rows.append({"run": run.label, "method": method, "metric": summary["metric"], "circuit_edges": sizes[len(rows)],
+                     "cpr": summary["curves"][method]["cpr"], "cmd": summary["curves"][method]["cmd"],
+                     "size_at_0.8": summary["curves"][method]["size_at_0.8"]})
+    table = pd.DataFrame(rows)
+    write_table(out_dir / "tables" / "compare_circuit.csv", table)
+    first_scores = [x[2] for _, x in loaded]
+    top_shared = sorted(shared, key=lambda e: -float(sum(abs(s[e]) for s in first_scores)))[:20]
+    names = _edge_names(summary0)
+    shared_rows = pd.DataFrame({"edge": [names[e] for e in top_shared],
+                                **{f"score[{run.label}]": [float(x[2][e]) for e in top_shared] for run, x in loaded}})
+    write_table(out_dir / "tables" / "compare_circuit_shared_edges.csv",
+                pd.DataFrame({"edge": [names[e] for e in sorted(shared)]}))
+    fig = go.Figure()
+    for run, (summary, method, _, curve) in loaded:
+        for family, dash in ((method, "solid"), ("random", "dot")):
+            c = curve[curve.circuit == family]
+            fig.add_trace(go.Scatter(x=c.fraction * 100, y=c.faithfulness, mode="lines+markers", line={"dash": dash},
+                                     name=f"{run.label}: {family}"))
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title="Faithfulness curves (dotted: random circuits of the same size)", xaxis_type="log",
+                      xaxis_title="circuit size (% of edges, log scale)", yaxis_title="faithfulness", template="plotly_white")
+    jaccard = len(shared) / len(union) if union else float("nan")
+    return (f"<h2>Circuit</h2><p>{html.escape(graph_txt)}. Each run's circuit is its top edges up to the size where "
+            f"faithfulness first reaches 0.8 ({', '.join(map(str, sizes))} edges). {len(shared)} edges are in every run's "
+            f"circuit (Jaccard {jaccard:.2f}). <a href=\"tables/compare_circuit.csv\">CSV</a>, "
+            f"<a href=\"tables/compare_circuit_shared_edges.csv\">shared edges</a></p>"
+            f"{table.to_html(index=False, float_format=lambda v: f'{v:.3f}')}"
+            f"<h3>Shared edges with the largest scores</h3>{shared_rows.to_html(index=False, float_format=lambda v: f'{v:+.4f}')}"
+            f"{fig.to_html(include_plotlyjs=False, full_html=False)}")
+
+
+def _edge_names(summary: dict) -> list[str]:
+    import re
+
+    m = re.match(r"(\d+) nodes \(input, (\d+) heads, (\d+) MLPs, logits\), \d+ edges \((\d+) query heads, (\d+) key/value", summary["graph"])
+    n_layers, n_heads, n_kv = int(m[3]), int(m[4]), int(m[5])
+    return Graph(n_layers, n_heads, n_kv).edge_names()
