@@ -79,6 +79,15 @@ def test_killed_circuit_stage_resumes_to_the_same_tensors(tmp_path, monkeypatch)
     summary = json.loads((tmp_path / "killed" / "tables" / "circuit_summary.json").read_text())
     assert summary["n_edges"] == 110 and set(summary["curves"]) == {"eap_ig", "eap", "random"}
 
+    # compare: the two runs' circuits share every edge, and both curves are drawn
+    from pipeline.compare import compare
+
+    out = compare([str(tmp_path / "uninterrupted"), str(tmp_path / "killed")], str(tmp_path / "cmp"), False)
+    page = (out / "comparison.html").read_text()
+    assert "<h2>Circuit</h2>" in page and "(Jaccard 1.00)" in page
+    shared = (out / "tables" / "compare_circuit_shared_edges.csv").read_text().splitlines()
+    assert len(shared) - 1 == int(round((summary["curves"]["eap_ig"]["size_at_0.8"] or 1.0) * 110))
+
 
 def test_unusable_metric_or_setting_is_one_line(tmp_path):
     from pipeline.circuit.graph import Graph

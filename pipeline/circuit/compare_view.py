@@ -45,7 +45,6 @@ def circuit_section(runs, out_dir) -> str | None:
     shared = set.intersection(*sets)
     union = set.union(*sets)
     summary0 = loaded[0][1][0]
-    names = None
     graph_txt = summary0["graph"]
     rows = []
     for run, (summary, method, scores, _) in loaded:
@@ -81,8 +80,4 @@ def circuit_section(runs, out_dir) -> str | None:
 
 
 def _edge_names(summary: dict) -> list[str]:
-    import re
-
-    m = re.match(r"(\d+) nodes \(input, (\d+) heads, (\d+) MLPs, logits\), \d+ edges \((\d+) query heads, (\d+) key/value", summary["graph"])
-    n_layers, n_heads, n_kv = int(m[3]), int(m[4]), int(m[5])
-    return Graph(n_layers, n_heads, n_kv).edge_names()
+    return Graph(*summary["graph_shape"]).edge_names()

@@ -130,7 +130,7 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     # Ranked edges, with intervals over prompts.
     main = methods[0]
     order = torch.argsort(scores[main].mean(0).abs(), descending=True)[: int(c.top_edges)]
-    keys = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "edge": [names[i] for i in order.tolist()],
+    keys = pd.DataFrame({"score_rank": np.arange(1, len(order) + 1), "edge": [names[i] for i in order.tolist()],
                          "upstream": [graph.up_names[int(up[i])] for i in order], "downstream": [graph.down_names[int(down[i])] for i in order]})
     features = list(ctx.dataset["feature"][:n_score]) if "feature" in ctx.dataset else None
     table = summary_table(scores[main][:, order].T, keys, features, n_boot, seed)
@@ -160,7 +160,7 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
 
     summary = {
         "metric": metric, "methods": methods, "ig_steps": int(c.ig_steps), "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
-        "graph": graph.summary(), "score_prompts": n_score, "eval_prompts": n_eval,
+        "graph": graph.summary(), "graph_shape": [graph.n_layers, graph.n_heads, graph.n_kv_heads], "score_prompts": n_score, "eval_prompts": n_eval,
         "m_full": float(full.mean()), "m_empty": float(empty.mean()),
         "curves": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"], "size_at_0.8": v["size_at_0.8"]}
                    for k, v in curves.items()},
