@@ -3,12 +3,12 @@ and their faithfulness curves on one plot."""
 
 from __future__ import annotations
 
-import html
 import json
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from markupsafe import Markup
 
 from pipeline.artifacts import read_tensors, write_table
 from pipeline.circuit.graph import Graph
@@ -25,15 +25,15 @@ def _load(run):
     return summary, method, scores, curve
 
 
-def circuit_section(runs, out_dir) -> str | None:
-    """HTML for the comparison page (None when fewer than two runs have a circuit)."""
+def circuit_section(runs, out_dir) -> dict | None:
+    """What comparison.html.j2 shows under "Circuit" (None when fewer than two runs have a circuit)."""
     loaded = [(run, _load(run)) for run in runs]
     loaded = [(run, x) for run, x in loaded if x is not None]
     if len(loaded) < 2:
         return None
     n_edges = {x[0]["n_edges"] for _, x in loaded}
     if len(n_edges) > 1:
-        return f"<h2>Circuit</h2><p>Not compared: the runs' graphs differ ({', '.join(map(str, sorted(n_edges)))} edges).</p>"
+        return {"different": f"the runs' graphs differ ({', '.join(map(str, sorted(n_edges)))} edges)"}
     # Each run's circuit: the top edges up to the size where its faithfulness first reaches 0.8
     # (its largest size if never); shared = in every run's circuit.
     sizes, sets = [], []
@@ -70,13 +70,10 @@ def circuit_section(runs, out_dir) -> str | None:
     fig.update_layout(title="Faithfulness curves (dotted: random circuits of the same size)", xaxis_type="log",
                       xaxis_title="circuit size (% of edges, log scale)", yaxis_title="faithfulness", template="plotly_white")
     jaccard = len(shared) / len(union) if union else float("nan")
-    return (f"<h2>Circuit</h2><p>{html.escape(graph_txt)}. Each run's circuit is its top edges up to the size where "
-            f"faithfulness first reaches 0.8 ({', '.join(map(str, sizes))} edges). {len(shared)} edges are in every run's "
-            f"circuit (Jaccard {jaccard:.2f}). <a href=\"tables/compare_circuit.csv\">CSV</a>, "
-            f"<a href=\"tables/compare_circuit_shared_edges.csv\">shared edges</a></p>"
-            f"{table.to_html(index=False, float_format=lambda v: f'{v:.3f}')}"
-            f"<h3>Shared edges with the largest scores</h3>{shared_rows.to_html(index=False, float_format=lambda v: f'{v:+.4f}')}"
-            f"{fig.to_html(include_plotlyjs=False, full_html=False)}")
+    return {"graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
+            "header": list(table.columns), "rows": table.values.tolist(),
+            "shared_header": list(shared_rows.columns), "shared_rows": shared_rows.values.tolist(),
+            "figure": Markup(fig.to_html(include_plotlyjs=False, full_html=False))}
 
 
 def _edge_names(summary: dict) -> list[str]:

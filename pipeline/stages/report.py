@@ -74,6 +74,16 @@ CAPTIONS = {
                         "of a head carries its effect (1 = restores clean, 0 = no effect).",
     "attrpatch_vs_exact": "Attribution patching (a gradient estimate) against exact activation patching, one point "
                           "per component: points on the diagonal mean the cheap estimate can be trusted.",
+    "circuit_faithfulness": "Faithfulness of the circuit made of the top-|score| edges, by its size (share of all edges, "
+                            "log scale): 1 = the circuit alone reproduces the full model's metric, 0 = no better than "
+                            "corrupting every edge. The grey line is a random circuit of the same size; bands are 95% "
+                            "bootstrap intervals over prompts.",
+    "circuit_graph": "The circuit drawn by layer: input on the left, logits on the right, heads by row (MLPs on top). "
+                     "Red edges push the metric toward the clean answer, blue against it; thicker = larger score.",
+    "circuit_edge_agreement": "Each edge's score (EAP, EAP-IG) against the exact effect of corrupting that one edge: "
+                              "points on the diagonal mean the cheap score can be trusted for that edge.",
+    "path_patching": "Path patching: each head's clean output sent to the receivers with every other head frozen at its "
+                     "corrupted output (1 = restores clean behaviour through that path alone, 0 = no effect).",
     # Prefixes, for figures added later under these names.
     "attrpatch": "Attribution patching: a gradient estimate of the normalized patching metric for every component "
                  "at once (1 = restores clean, 0 = no effect).",
@@ -98,6 +108,8 @@ PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution pa
 
 # Figures shown in the dataset and baseline sections rather than among the others.
 SHOWN_EARLIER = {"attribute_association", "baseline_logit_diff"}
+# Figures shown in the circuit section.
+CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching")
 
 # Frame size for a figure page whose size cannot be read from it (circuitsvis, autosized plotly):
 # circuitsvis widgets grow downwards as one hovers, so the frame is tall.
@@ -316,12 +328,33 @@ def figure_sections(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
         return []
     grouped: dict[str, list[Path]] = {}
     for path in sorted(figures_dir.glob("*.html")):
-        if path.name.startswith(".") or path.stem in SHOWN_EARLIER:
+        if path.name.startswith(".") or path.stem in SHOWN_EARLIER or path.stem in CIRCUIT_FIGURES:
             continue
         grouped.setdefault(group_for(path.stem), []).append(path)
     return [Section(title.lower().replace(" ", "-"), title, "report/figures.html.j2",
                     {"figures": [figure(p) for p in grouped[title]]}, nav=title.capitalize())
             for title in PAGE_ORDER if title in grouped]
+
+
+def circuit_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """The circuit stage in plain words: graph size, faithfulness (CPR, CMD, size at 0.8) per method
+    against the random baseline, score-vs-exact agreement, and its figures."""
+    path = run_dir / "tables" / "circuit_summary.json"
+    if not path.exists():
+        return []
+    summary = read_json(path)
+    curves = summary["curves"]
+    rows = [[name, c["cpr"], f"[{c['cpr_ci'][0]:.3f}, {c['cpr_ci'][1]:.3f}]", c["cmd"],
+             f"[{c['cmd_ci'][0]:.3f}, {c['cmd_ci'][1]:.3f}]",
+             "never" if c["size_at_0.8"] is None else f"{100 * c['size_at_0.8']:.3g}%"] for name, c in curves.items()]
+    agreement = [[r["method"], r["pearson_r"], f"{r['top_k_overlap']}/{r['top_k']}", r["n_edges"]]
+                 for r in summary.get("edge_agreement", [])]
+    main = summary["methods"][0]
+    data = {"s": summary, "main": main, "main_curve": curves[main], "random": curves.get("random"), "rows": rows,
+            "agreement": agreement, "gap": summary.get("empty_vs_corrupted", {}),
+            "figures": [figure(run_dir / "figures" / f"{stem}.html") for stem in CIRCUIT_FIGURES
+                        if (run_dir / "figures" / f"{stem}.html").exists()]}
+    return [Section("circuit", "Circuit", "report/circuit.html.j2", data)]
 
 
 def files_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
@@ -400,7 +433,7 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
 
 
 # The page's sections in order; each returns [] when the run holds nothing for it.
-SECTIONS = [run_section, dataset_section, baseline_section, nulls_section, figure_sections, files_section]
+SECTIONS = [run_section, dataset_section, baseline_section, nulls_section, figure_sections, circuit_section, files_section]
 
 
 # ---------------------------------------------------------------- the page
