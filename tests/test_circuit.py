@@ -201,6 +201,7 @@ def test_mixed_lengths_batched_equals_one_prompt_at_a_time(model):
     graph = Graph.of(model)
     circuits = torch.rand(3, graph.n_edges, generator=torch.Generator().manual_seed(2)) < 0.5
     circuits[0] = True
+    circuits[1] = False
     with edge_hooks(model):
         s_batch = edges.edge_scores(model, pairs, "logit_diff", "eap_ig", ig_steps=2, batch_size=4)
         s_one = edges.edge_scores(model, pairs, "logit_diff", "eap_ig", ig_steps=2, batch_size=1)
@@ -208,10 +209,20 @@ def test_mixed_lengths_batched_equals_one_prompt_at_a_time(model):
         e_one = edges.evaluate(model, pairs, circuits, "prob_diff", batch_size=1, rows_per_run=1)
     assert torch.allclose(s_batch, s_one, atol=1e-4) and s_batch.abs().max() > 0
     assert torch.allclose(e_batch, e_one, atol=1e-5)
-    from pipeline.metrics import prob_diff
     with torch.no_grad():
-        clean = torch.cat([prob_diff(gather_last(model(pairs.clean.tokens[i:i + 1, : int(pairs.clean.last[i]) + 1]), pairs.clean.last[i:i + 1]), pairs.answers[i:i + 1]) for i in range(len(pairs))])
+        clean = torch.cat([prompt_metric(model, pairs.clean, pairs.answers, i) for i in range(len(pairs))])
+        corrupted = torch.cat([prompt_metric(model, pairs.corrupted, pairs.answers, i) for i in range(len(pairs))])
     assert torch.allclose(e_batch[0], clean, atol=1e-5)  # the full circuit is the clean run
+    # the empty circuit hands the logits the corrupted final residual: the corrupted run even on mixed lengths
+    assert torch.allclose(e_batch[1], corrupted, atol=1e-5)
+
+
+def prompt_metric(model, batch, answers, i):
+    """prob_diff of prompt i run alone, unpadded."""
+    from pipeline.metrics import prob_diff
+
+    n = int(batch.last[i]) + 1
+    return prob_diff(model(batch.tokens[i:i + 1, :n])[:, -1], answers[i:i + 1])
 
 
 def test_kl_div_refuses_plain_eap(model):

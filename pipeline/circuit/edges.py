@@ -23,7 +23,9 @@ patched to its corrupted value: each downstream input = its input in this run - 
 upstream nodes u outside the circuit's edges into it of (u's output in this run - u's corrupted
 output); equivalently the corrupted input plus, over in-circuit upstream nodes, their output in
 this run minus their corrupted output (the residual stream is a sum of node outputs and constant
-biases). All edges: the clean run exactly. No edges: on equal-length pairs the corrupted run.
+biases). All edges: the clean run exactly. No edges: the logits read the corrupted run's final
+residual stream at the matched last token, so the metric is the corrupted run's (on mixed lengths
+too); on equal-length pairs every node sees its corrupted input.
 
 TransformerLens's `patching` and `tools.analysis` work per activation, not per edge, so this is
 written here on the bridge's per-head hooks.
