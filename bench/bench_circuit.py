@@ -32,9 +32,15 @@ from pipeline.forward import map_last_logits  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 
 
+CPU = {}
+
+
 def timed(fn):
-    start = time.perf_counter()
+    """Wall seconds (returned) and CPU seconds of this process (kept in CPU, by call order): on a
+    shared machine the CPU seconds are the steadier figure."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    CPU[len(CPU)] = time.process_time() - cpu
     return time.perf_counter() - start, out
 
 
@@ -56,7 +62,9 @@ def main() -> None:
     n, bs = len(pairs), args.batch_size
     per100 = lambda s, k=n: 100 * s / k  # noqa: E731
 
-    fwd, _ = timed(lambda: map_last_logits(model, pairs.clean, bs, lambda x, r: x[:, :1]))
+    forward = lambda: map_last_logits(model, pairs.clean, bs, lambda x, r: x[:, :1])  # noqa: E731
+    forward()  # warm-up (the first call also checks the last-token shortcut)
+    fwd, _ = timed(forward)
     with edge_hooks(model):
         graph = Graph.of(model)
         t_eap, scores = timed(lambda: edges.edge_scores(model, pairs, "logit_diff", "eap", batch_size=bs))
@@ -67,12 +75,13 @@ def main() -> None:
         pp_pairs = pairs.head(args.path_prompts)
         t_pp, _ = timed(lambda: path_patch(model, pp_pairs, "logit_diff", "logits", bs, rows_per_run=64))
     senders = graph.n_layers * graph.n_heads
-    print(f"model {args.model}: {graph.summary()}; {n} prompts, micro-batch {bs}, 1 forward over them {fwd:.1f}s")
-    print(f"{'part':<34}{'s / 100 prompts':>16}{'x forward':>11}  passes per prompt")
-    print(f"{'EAP scores':<34}{per100(t_eap):>16.1f}{t_eap / fwd:>11.1f}  2 forward + 1 backward")
-    print(f"{f'EAP-IG scores ({args.ig_steps} steps)':<34}{per100(t_ig):>16.1f}{t_ig / fwd:>11.1f}  {1 + args.ig_steps} forward + {args.ig_steps} backward")
-    print(f"{f'exact evaluation, {len(circuits)} circuits':<34}{per100(t_eval):>16.1f}{t_eval / fwd:>11.1f}  2 + {len(circuits)} forward (one per circuit)")
-    print(f"{'path patching -> logits':<34}{per100(t_pp, len(pp_pairs)):>16.1f}{t_pp / (fwd * len(pp_pairs) / n):>11.1f}  2 + {senders} forward (one per sender head)")
+    print(f"model {args.model}: {graph.summary()}; {n} prompts, micro-batch {bs}, 1 forward over them {fwd:.1f}s wall, {CPU[0]:.1f}s CPU")
+    cpu = [CPU[i] for i in range(5)]
+    print(f"{'part':<34}{'s / 100 prompts':>16}{'CPU s / 100':>12}{'x forward':>11}  passes per prompt")
+    print(f"{'EAP scores':<34}{per100(t_eap):>16.1f}{per100(cpu[1]):>12.1f}{t_eap / fwd:>11.1f}  2 forward + 1 backward")
+    print(f"{f'EAP-IG scores ({args.ig_steps} steps)':<34}{per100(t_ig):>16.1f}{per100(cpu[2]):>12.1f}{t_ig / fwd:>11.1f}  {1 + args.ig_steps} forward + {args.ig_steps} backward")
+    print(f"{f'exact evaluation, {len(circuits)} circuits':<34}{per100(t_eval):>16.1f}{per100(cpu[3]):>12.1f}{t_eval / fwd:>11.1f}  2 + {len(circuits)} forward (one per circuit)")
+    print(f"{'path patching -> logits':<34}{per100(t_pp, len(pp_pairs)):>16.1f}{per100(cpu[4], len(pp_pairs)):>12.1f}{t_pp / (fwd * len(pp_pairs) / n):>11.1f}  2 + {senders} forward (one per sender head)")
     print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 
