@@ -16,14 +16,19 @@ from conftest import make_cfg, only_run_dir, run_cli
 
 def test_embedded_model_end_to_end(tmp_path):
     result = run_cli(["dataset.max_prompts=6", "patching.max_prompts=2", "patching.sweeps=[resid_pre,head_out]",
-                      "attribution.bootstrap=200", "patching.bootstrap=200"], cwd=tmp_path, timeout=900)
+                      "attribution.bootstrap=200", "patching.bootstrap=200", "circuit.score_prompts=2",
+                      "circuit.eval_prompts=2", "circuit.ig_steps=2", "circuit.n_sizes=3", "circuit.edge_check.top=3",
+                      "circuit.edge_check.random=3", "circuit.path_patching.prompts=1", "circuit.bootstrap=200"],
+                     cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["model"]["source"] == "embedded" and manifest["device"] == "cpu"
     assert all(s["status"] == "done" for s in manifest["stages"].values())
-    assert set(manifest["stages"]) == {"data", "cache", "attribution", "patching", "report"}
+    assert set(manifest["stages"]) == {"data", "cache", "attribution", "patching", "circuit", "report"}
+    circuit = json.loads((run_dir / "tables" / "circuit_summary.json").read_text())
+    assert circuit["n_edges"] == 70651 and circuit["n_nodes"] == 302  # SmolLM2: 30 layers, 9 query and 3 key/value heads
     dataset = pd.read_csv(run_dir / "dataset.csv")
     assert list(dataset.columns[:4]) == ["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae"]
     assert {"feature", "template"} <= set(dataset.columns) and len(dataset) == 6
