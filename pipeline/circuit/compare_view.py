@@ -70,7 +70,7 @@ def circuit_section(runs, out_dir) -> dict | None:
     fig.update_layout(title="Faithfulness curves (dotted: random circuits of the same size)", xaxis_type="log",
                       xaxis_title="circuit size (% of edges, log scale)", yaxis_title="faithfulness", template="plotly_white")
     jaccard = len(shared) / len(union) if union else float("nan")
-    return {"graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
+    return {"different": None, "graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
             "header": list(table.columns), "rows": table.values.tolist(),
             "shared_header": list(shared_rows.columns), "shared_rows": shared_rows.values.tolist(),
             "figure": Markup(fig.to_html(include_plotlyjs=False, full_html=False))}

@@ -74,8 +74,10 @@ def capture_outputs(model, graph: Graph, mb: PromptBatch, hooks=()) -> tuple[tor
     return out, logits
 
 
-def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | None = None):
-    """Hooks that write each upstream node's output (minus `minus`, if given) into buffer[:, node].
+def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | None = None,
+                     running: torch.Tensor | None = None):
+    """Hooks that write each upstream node's output (minus `minus`, if given) into buffer[:, node],
+    and add it to `running` [batch, pos, d_model] (the sum over the nodes written so far).
     Buffers are [batch, node, pos, d_model], so that a prefix of nodes is one strided block for
     the batched matrix products below (no copies of the largest tensors)."""
     def writer(index):
@@ -83,6 +85,8 @@ def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | N
             value = x.detach().float()
             value = value.unsqueeze(1) if value.dim() == 3 else value.transpose(1, 2)
             buffer[:, index] = value - (minus[:, index] if minus is not None else 0)
+            if running is not None:
+                running.add_(buffer[:, index].sum(1))
             return x
         return write
 
@@ -254,17 +258,32 @@ def _run_circuits(model, graph, ref: Reference, corrupted, clean_last, notin, me
     batch = PromptBatch(ref.clean.prompts * c, ref.clean.tokens.repeat(c, 1), ref.clean.attention_mask.repeat(c, 1),
                         ref.clean.last.repeat(c), ref.clean.role_labels * c, ref.clean.str_tokens * c)
 
+    running = torch.zeros(diff.shape[0], diff.shape[2], diff.shape[3], device=diff.device)
+
     def patcher(index, n_before):
         def patch(x, hook):
-            mask = rows_notin[:, :n_before, index]  # [rows, up, k]
-            if not bool(mask.any()):
+            # delta = sum over upstream nodes outside the circuit of their difference, per input k.
+            # When most edges are out, sum those in and take it from the running total of every
+            # node's difference (all nodes before this input have been written); either way only
+            # the upstream nodes some row needs enter the product.
+            out_mask = rows_notin[:, :n_before, index]  # [rows, up, k]
+            n_out = int(out_mask.sum())
+            if n_out == 0:
                 return x
+            use_in = 2 * n_out > out_mask.numel()
+            mask = 1.0 - out_mask if use_in else out_mask
+            cols = mask.amax(dim=(0, 2)).nonzero().squeeze(-1)
             r, _, s, d = diff.shape
-            delta = torch.bmm(mask.transpose(1, 2), diff[:, :n_before].reshape(r, n_before, s * d)).view(r, -1, s, d)
+            k = mask.shape[-1]
+            if len(cols):
+                part = torch.bmm(mask[:, cols].transpose(1, 2), diff[:, cols].reshape(r, len(cols), s * d)).view(r, k, s, d)
+            else:
+                part = torch.zeros(r, k, s, d, device=diff.device)
+            delta = running[:, None] - part if use_in else part
             return (x.float() - (delta.transpose(1, 2) if x.dim() == 4 else delta[:, 0])).to(x.dtype)
         return patch
 
-    hooks = upstream_writers(graph, diff, minus=corr)
+    hooks = upstream_writers(graph, diff, minus=corr, running=running)
     for name, index, n_before in downstream_inputs(graph):
         hooks.append((name, patcher(index, n_before)))
     with torch.no_grad():
