@@ -16,7 +16,7 @@ from pipeline.patching.engine import run_cells
 from pipeline.patching.sweeps import Cell
 from pipeline.runner import run
 from conftest import make_cfg
-from test_circuit import model  # noqa: F401  (the fresh tiny model fixture)
+from test_circuit import gqa_model, model  # noqa: F401  (fresh tiny models)
 from test_prompts import small_dataset
 
 
@@ -29,6 +29,18 @@ def test_path_patching_from_last_layer_equals_head_patching(model):  # noqa: F81
     values, _ = run_cells(model, pairs, cells, batch_size=5, fast=False)
     assert torch.allclose(pp[last], anchors.normalize(values), atol=1e-4)
     assert pp[last].abs().max() > 1e-3 and torch.isfinite(pp).all()
+
+
+@pytest.mark.parametrize("which", ["model", "gqa_model"])
+def test_last_token_path_patching_equals_full_patched_runs(which, request):
+    model = request.getfixturevalue(which)
+    pairs = pair_prompts(model, small_dataset(4), make_cfg([]).direction, True)
+    with edge_hooks(model):
+        fast, _ = path_patch(model, pairs, "prob_diff", "logits", batch_size=2, rows_per_run=6)
+        full, _ = path_patch(model, pairs, "prob_diff", "logits", batch_size=4, rows_per_run=8, full_runs=True)
+        heads, _ = path_patch(model, pairs, "logit_diff", ["a1.h0.q", "a1.h1.k"], batch_size=4)
+    assert torch.allclose(fast, full, atol=1e-4) and fast[0].abs().max() > 1e-3
+    assert torch.isfinite(heads[0]).all() and heads[1].isnan().all()  # senders: layer 0 only
 
 
 OVERRIDES = ["model=tiny", "dataset.max_prompts=6", "batch_size=2", "circuit.batch_size=2", "circuit.score_prompts=6",

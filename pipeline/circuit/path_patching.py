@@ -60,9 +60,10 @@ def _results(model, graph, mb, extra=()):
 
 
 def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_size: int = 8,
-               rows_per_run: int = 64, desc: str | None = None) -> tuple[torch.Tensor, Anchors]:
+               rows_per_run: int = 64, desc: str | None = None, full_runs: bool = False) -> tuple[torch.Tensor, Anchors]:
     """[layer, head, prompt] normalized path-patching effect of each sender head (NaN for heads
-    that are not senders), and the anchors used."""
+    that are not senders), and the anchors used. Into the final residual stream it reads only the
+    last token (see _to_logits_last_token) unless `full_runs`, which runs every patched forward."""
     enable_edge_hooks(model)
     graph = Graph.of(model)
     recv = parse_receivers(receivers, graph)
@@ -89,15 +90,72 @@ def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_s
             mapped[j, k_pos.to(device)] = clean_res[j, c_pos.to(device)]
         b = len(answers)
         per_run = max(1, int(rows_per_run) // b)
+        cache = _last_token_cache(model, graph, corr) if recv is None and not full_runs else None
         for start in range(0, len(senders), per_run):
             group = senders[start:start + per_run]
-            values = _run_senders(model, graph, corr, corr_res, mapped, group, recv, answers, clean_last, metric)
+            if cache is not None:
+                with torch.no_grad():
+                    values = _to_logits_last_token(model, graph, corr, corr_res, mapped, group, answers, clean_last, metric, cache)
+            else:
+                values = _run_senders(model, graph, corr, corr_res, mapped, group, recv, answers, clean_last, metric)
             for g, (l, h) in enumerate(group):
                 raw[l, h, rows] = values[g * b:(g + 1) * b].cpu()
     anchors = Anchors.from_logit_diffs(clean_m, corr_m)
     if abs(anchors.clean - anchors.corrupted) < 1e-9:
         raise PipelineError("path patching: the clean and corrupted mean metric are equal, the normalized metric is undefined")
     return anchors.normalize(raw), anchors
+
+
+def _to_logits_last_token(model, graph, corr, corr_res, mapped, group, answers, clean_last, metric, cache):
+    """Path patching into the final residual stream without full forward passes. With every head
+    frozen, positions only exchange information through attention, so the last token's residual
+    stream moves only by the sender's own difference there and by what the MLPs of the sender's
+    layer and later make of it at that position. So: start from the corrupted run's last-token
+    residual at the sender's layer, add the sender's clean-minus-corrupted output, and run only
+    the MLPs (through the model's own ln2 and mlp modules) and the final norm and unembedding at
+    that one position. tests/test_circuit_stage.py checks it against full patched runs."""
+    c, b = len(group), len(answers)
+    rows = torch.arange(b, device=corr.tokens.device)
+    last = corr.last
+    delta = torch.zeros(c * b, model.cfg.d_model, device=corr.tokens.device)
+    for g, (l, h) in enumerate(group):
+        delta[g * b:(g + 1) * b] = (mapped[rows, last, l, h] - corr_res[rows, last, l, h])
+    start = min(l for l, _ in group)
+    first_layer = torch.tensor([l for l, _ in group], device=delta.device).repeat_interleave(b)
+    for layer in range(start, graph.n_layers):
+        active = (first_layer <= layer)[:, None]  # a sender's difference enters at its own layer
+        mid = cache["mid"][layer].repeat(c, 1) + torch.where(active, delta, torch.zeros_like(delta))
+        block = model.blocks[layer]
+        out = block.mlp(block.ln2(mid[:, None].to(model.W_U.dtype)))[:, 0].float()
+        delta = torch.where(active, delta + out - cache["mlp"][layer].repeat(c, 1), delta)
+    final = cache["final"].repeat(c, 1) + delta
+    normed = model.ln_final(final[:, None])[:, 0]
+    b_U = getattr(model, "b_U", None)
+    logits = normed @ model.W_U + (b_U if b_U is not None else 0)
+    return metric_values(metric, logits, answers.repeat(c, 1), clean_last.repeat(c, 1)).float()
+
+
+def _last_token_cache(model, graph, corr) -> dict:
+    """The corrupted run's residual stream before each MLP, each MLP's output and the final
+    residual, at each prompt's last token."""
+    keep = {"mid": {}, "mlp": {}}
+    rows = torch.arange(len(corr.last), device=corr.tokens.device)
+
+    def grab(kind, layer):
+        def f(x, hook):
+            keep[kind][layer] = x[rows, corr.last].detach().float()
+            return x
+        return f
+
+    def grab_final(x, hook):
+        keep["final"] = x[rows, corr.last].detach().float()
+        return x
+
+    hooks = [h for l in range(graph.n_layers) for h in ((f"blocks.{l}.hook_resid_mid", grab("mid", l)),
+                                                         (graph.mlp_out_hook(l), grab("mlp", l)))]
+    with torch.no_grad():
+        last_token_logits(model, corr, [*hooks, (graph.logits_hook(), grab_final)])
+    return keep
 
 
 def _repeat(mb: PromptBatch, c: int) -> PromptBatch:
