@@ -115,10 +115,13 @@ def edge_sample(scores: torch.Tensor, top: int, n_random: int, seed: int) -> tor
 def agreement(exact: np.ndarray, approx: np.ndarray, k: int) -> dict:
     ok = np.isfinite(exact) & np.isfinite(approx)
     e, a = exact[ok], approx[ok]
-    r = float(np.corrcoef(e, a)[0, 1]) if len(e) > 2 and e.std() > 0 and a.std() > 0 else float("nan")
+    usable = len(e) > 2 and e.std() > 0 and a.std() > 0
+    r = float(np.corrcoef(e, a)[0, 1]) if usable else float("nan")
+    # Spearman: Pearson on ranks, robust to a few huge edges
+    rho = float(pd.Series(e).rank().corr(pd.Series(a).rank())) if usable else float("nan")
     k = min(k, len(e))
     overlap = len(set(np.argsort(-np.abs(e))[:k]) & set(np.argsort(-np.abs(a))[:k]))
-    return {"pearson_r": r, "top_k": k, "top_k_overlap": overlap, "n_edges": int(ok.sum())}
+    return {"pearson_r": r, "spearman_r": rho, "top_k": k, "top_k_overlap": overlap, "n_edges": int(ok.sum())}
 
 
 def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric) -> None:
@@ -175,7 +178,8 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
         log.info("circuit %s: CPR %.3f [%.3f, %.3f], CMD %.3f [%.3f, %.3f], faithfulness >= 0.8 at %s of edges",
                  k, v["cpr"], *v["cpr_ci"], v["cmd"], *v["cmd_ci"], v["size_at_0.8"])
     for r in agree.itertuples():
-        log.info("circuit scores %s vs exact edge patching: Pearson r %.3f, top-%d overlap %d", r.method, r.pearson_r, r.top_k, r.top_k_overlap)
+        log.info("circuit scores %s vs exact edge patching: Pearson r %.3f, Spearman %.3f, top-%d overlap %d",
+                 r.method, r.pearson_r, r.spearman_r, r.top_k, r.top_k_overlap)
 
     write_figure(ctx.figures / "circuit_faithfulness.html", plots.faithfulness_curves(
         {k: curves[k] for k in [*methods, "random"]}, fractions,

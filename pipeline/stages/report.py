@@ -347,7 +347,7 @@ def circuit_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     rows = [[name, c["cpr"], f"[{c['cpr_ci'][0]:.3f}, {c['cpr_ci'][1]:.3f}]", c["cmd"],
              f"[{c['cmd_ci'][0]:.3f}, {c['cmd_ci'][1]:.3f}]",
              "never" if c["size_at_0.8"] is None else f"{100 * c['size_at_0.8']:.3g}%"] for name, c in curves.items()]
-    agreement = [[r["method"], r["pearson_r"], f"{r['top_k_overlap']}/{r['top_k']}", r["n_edges"]]
+    agreement = [[r["method"], r["pearson_r"], r.get("spearman_r", "-"), f"{r['top_k_overlap']}/{r['top_k']}", r["n_edges"]]
                  for r in summary.get("edge_agreement", [])]
     main = summary["methods"][0]
     data = {"s": summary, "main": main, "main_curve": curves[main], "random": curves.get("random"), "rows": rows,
