@@ -254,11 +254,12 @@ def correlation(joined: pd.DataFrame, runs: list[Run]) -> str:
     return f"Pearson r between {runs[0].label} and {runs[1].label}: {both[a].corr(both[b]):.3f} over {len(both)} components. "
 
 
-def page(runs: list[Run], sections: list[dict], skipped: list[str]) -> str:
+def page(runs: list[Run], sections: list[dict], skipped: list[str], circuit: dict | None = None) -> str:
     shown = [{"label": run.label, "path": str(run.path), "model": str(run.manifest.get("model", {}).get("name")),
               "direction": str(run.manifest.get("direction")), "dataset": str(run.manifest.get("dataset_hash")),
               "device": str(run.manifest.get("device")), "status": str(run.manifest.get("status"))} for run in runs]
-    return render("comparison.html.j2", runs=shown, sections=sections, skipped=skipped, plotly_js=PLOTLY_JS)
+    return render("comparison.html.j2", runs=shown, sections=sections, skipped=skipped, plotly_js=PLOTLY_JS,
+                  circuit=circuit)
 
 
 def section(name: str, joined: pd.DataFrame, names: pd.Series, runs: list[Run]) -> dict:
@@ -295,6 +296,7 @@ class Comparison:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     names: dict[str, pd.Series] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    circuit: dict | None = None  # pipeline/circuit/compare_view.py: shared edges, both faithfulness curves
 
 
 def open_runs(dirs: list[str], allow_different_datasets: bool) -> list[Run]:
@@ -328,7 +330,10 @@ def comparison(runs: list[Run]) -> Comparison:
             continue
         result.tables[name] = joined
         result.names[name] = component_names(joined, key_columns(tables[0]))
-    if not result.tables:
+    from pipeline.circuit.compare_view import circuit_comparison
+
+    result.circuit = circuit_comparison(runs)
+    if not result.tables and not result.circuit:
         raise PipelineError(f"the runs share no per-component table to compare ({', '.join(str(r.path) for r in runs)})")
     return result
 
@@ -340,8 +345,10 @@ def write_comparison(result: Comparison, out_dir: Path) -> Path:
     for name, joined in result.tables.items():
         write_table(out_dir / "tables" / f"compare_{name}.csv", joined)
         sections.append(section(name, joined, result.names[name], result.runs))
+    for name, table in (result.circuit or {}).get("tables", {}).items():
+        write_table(out_dir / "tables" / f"{name}.csv", table)
     ensure_plotly_js(out_dir)
-    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped))
+    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped, result.circuit))
     return out_dir
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from markupsafe import Markup
 
-from pipeline.artifacts import read_tensors, write_table
+from pipeline.artifacts import read_tensors
 from pipeline.circuit.graph import Graph
 
 
@@ -25,15 +25,16 @@ def _load(run):
     return summary, method, scores, curve
 
 
-def circuit_section(runs, out_dir) -> dict | None:
-    """What comparison.html.j2 shows under "Circuit" (None when fewer than two runs have a circuit)."""
+def circuit_comparison(runs) -> dict | None:
+    """What comparison.html.j2 shows under "Circuit" (None when fewer than two runs have a circuit),
+    with the tables to write under `tables` (it writes nothing itself)."""
     loaded = [(run, _load(run)) for run in runs]
     loaded = [(run, x) for run, x in loaded if x is not None]
     if len(loaded) < 2:
         return None
     n_edges = {x[0]["n_edges"] for _, x in loaded}
     if len(n_edges) > 1:
-        return {"different": f"the runs' graphs differ ({', '.join(map(str, sorted(n_edges)))} edges)"}
+        return {"tables": {}, "different": f"the runs' graphs differ ({', '.join(map(str, sorted(n_edges)))} edges)"}
     # Each run's circuit: the top edges up to the size where its faithfulness first reaches 0.8
     # (its largest size if never); shared = in every run's circuit.
     sizes, sets = [], []
@@ -52,14 +53,11 @@ def circuit_section(runs, out_dir) -> dict | None:
                      "cpr": summary["curves"][method]["cpr"], "cmd": summary["curves"][method]["cmd"],
                      "size_at_0.8": summary["curves"][method]["size_at_0.8"]})
     table = pd.DataFrame(rows)
-    write_table(out_dir / "tables" / "compare_circuit.csv", table)
     first_scores = [x[2] for _, x in loaded]
     top_shared = sorted(shared, key=lambda e: -float(sum(abs(s[e]) for s in first_scores)))[:20]
     names = _edge_names(summary0)
     shared_rows = pd.DataFrame({"edge": [names[e] for e in top_shared],
                                 **{f"score[{run.label}]": [float(x[2][e]) for e in top_shared] for run, x in loaded}})
-    write_table(out_dir / "tables" / "compare_circuit_shared_edges.csv",
-                pd.DataFrame({"edge": [names[e] for e in sorted(shared)]}))
     fig = go.Figure()
     for run, (summary, method, _, curve) in loaded:
         for family, dash in ((method, "solid"), ("random", "dot")):
@@ -70,7 +68,8 @@ def circuit_section(runs, out_dir) -> dict | None:
     fig.update_layout(title="Faithfulness curves (dotted: random circuits of the same size)", xaxis_type="log",
                       xaxis_title="circuit size (% of edges, log scale)", yaxis_title="faithfulness", template="plotly_white")
     jaccard = len(shared) / len(union) if union else float("nan")
-    return {"different": None, "graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
+    tables = {"compare_circuit": table, "compare_circuit_shared_edges": pd.DataFrame({"edge": [names[e] for e in sorted(shared)]})}
+    return {"tables": tables, "different": None, "graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
             "header": list(table.columns), "rows": table.values.tolist(),
             "shared_header": list(shared_rows.columns), "shared_rows": shared_rows.values.tolist(),
             "figure": Markup(fig.to_html(include_plotlyjs=False, full_html=False))}
