@@ -173,6 +173,21 @@ RULES = {
     "patching.bootstrap": (positive_int, POSITIVE),
     "patching.checkpoint_every": (positive_int, POSITIVE),
     "patching.rows_per_run": (positive_int, POSITIVE),
+    "circuit.method": (lambda v: v in ("eap", "eap_ig"), "eap or eap_ig"),
+    "circuit.ig_steps": (positive_int, POSITIVE),
+    "circuit.score_prompts": (optional_positive_int, f"null (every prompt) or {POSITIVE}"),
+    "circuit.eval_prompts": (optional_positive_int, f"null (every prompt) or {POSITIVE}"),
+    "circuit.smallest": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a fraction in (0, 1]"),
+    "circuit.n_sizes": (positive_int, POSITIVE),
+    "circuit.edge_check.top": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
+    "circuit.edge_check.random": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
+    "circuit.path_patching.receivers": (lambda v: v == "logits" or (isinstance(v, list) and v and all(isinstance(r, str) for r in v)),
+                                        "logits or a list of head inputs such as [a5.h1.q,a5.kv0.v]"),
+    "circuit.path_patching.prompts": (optional_positive_int, f"null (every evaluation prompt) or {POSITIVE}"),
+    "circuit.bootstrap": (positive_int, POSITIVE),
+    "circuit.batch_size": (positive_int, POSITIVE),
+    "circuit.rows_per_run": (positive_int, POSITIVE),
+    "circuit.checkpoint_every": (positive_int, POSITIVE),
 }
 
 
@@ -227,7 +242,16 @@ def check_config(cfg) -> None:
         same = type(value) is type(default) or (isinstance(default, float) and is_int(value))
         if not same:
             refuse("config", f"{key}={shown} has the wrong type", type_name(default))
-    if "patching" in list(cfg.stage.stages):
+    # Metrics a stage cannot use (pipeline/metrics.py), refused before any stage runs.
+    from pipeline.metrics import LINEAR_METRICS
+
+    metric, stages = str(cfg.metric.name), list(cfg.stage.stages)
+    if "patching" in stages and metric not in LINEAR_METRICS:
+        refuse("config", f"metric={metric}: the patching stage supports only {', '.join(LINEAR_METRICS)}",
+               "metric=logit_diff for stage=patching (stage=circuit takes prob_diff and kl_div)")
+    if "circuit" in stages and metric == "kl_div" and cfg.circuit.method == "eap":
+        refuse("config", "circuit.method=eap cannot use metric=kl_div (its gradient at the clean run is zero)", "circuit.method=eap_ig")
+    if "patching" in stages:
         from pipeline.patching.sweeps import SWEEPS
 
         sweeps = cfg.patching.sweeps

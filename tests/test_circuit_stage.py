@@ -106,11 +106,13 @@ def test_unusable_metric_or_setting_is_one_line(tmp_path):
     from pipeline.circuit.path_patching import parse_receivers
     from pipeline.errors import PipelineError
 
-    with pytest.raises(PipelineError, match=r"metric=prob_diff: the patching stage .* supports only logit_diff") as err:
+    with pytest.raises(PipelineError, match=r"metric=prob_diff: the patching stage supports only logit_diff") as err:
         run(make_cfg(["model=tiny", "metric=prob_diff", "stage.stages=[patching]"]), tmp_path / "run")
     assert "\n" not in str(err.value)
-    with pytest.raises(PipelineError, match="not one of logit_diff, prob_diff, kl_div"):
-        run(make_cfg(["model=tiny", "metric.name=accuracy", "stage.stages=[data]"]), tmp_path / "run2")
+    with pytest.raises(PipelineError, match="circuit.method=eap cannot use metric=kl_div"):
+        run(make_cfg(["model=tiny", "metric=kl_div", "circuit.method=eap", "stage.stages=[data,circuit]"]), tmp_path / "run2")
+    with pytest.raises(PipelineError, match="circuit.path_patching.receivers"):
+        run(make_cfg(["model=tiny", "circuit.path_patching.receivers=a1.h0.q", "stage.stages=[data]"]), tmp_path / "run3")
     graph = Graph(2, 4, 2)
     assert parse_receivers("logits", graph) is None and parse_receivers(["a1.kv1.v", "a1.h3.q"], graph) == [(1, "v", 1), (1, "q", 3)]
     with pytest.raises(PipelineError, match="a9.h0.q"):
