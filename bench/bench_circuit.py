@@ -81,7 +81,7 @@ def main() -> None:
     print(f"{'EAP scores':<34}{per100(t_eap):>16.1f}{per100(cpu[1]):>12.1f}{t_eap / fwd:>11.1f}  2 forward + 1 backward")
     print(f"{f'EAP-IG scores ({args.ig_steps} steps)':<34}{per100(t_ig):>16.1f}{per100(cpu[2]):>12.1f}{t_ig / fwd:>11.1f}  {1 + args.ig_steps} forward + {args.ig_steps} backward")
     print(f"{f'exact evaluation, {len(circuits)} circuits':<34}{per100(t_eval):>16.1f}{per100(cpu[3]):>12.1f}{t_eval / fwd:>11.1f}  2 + {len(circuits)} forward (one per circuit)")
-    print(f"{'path patching -> logits':<34}{per100(t_pp, len(pp_pairs)):>16.1f}{per100(cpu[4], len(pp_pairs)):>12.1f}{t_pp / (fwd * len(pp_pairs) / n):>11.1f}  2 + {senders} forward (one per sender head)")
+    print(f"{'path patching -> logits':<34}{per100(t_pp, len(pp_pairs)):>16.1f}{per100(cpu[4], len(pp_pairs)):>12.1f}{t_pp / (fwd * len(pp_pairs) / n):>11.1f}  2 forward + {senders} last-token MLP passes (one per sender head)")
     print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 
