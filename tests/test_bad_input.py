@@ -131,7 +131,7 @@ CONFIG_CASES = {
                       "sweep 'heads'; accepted: any of resid_pre, block, head_out, head_parts"),
     "unknown-model": (["model=no-such-model"], "unknown model 'no-such-model': choose from gpt2-small, smollm2-135m, tiny "
                       "(or keep a model config and set model.name=<hub name or local dir>)"),
-    "unknown-stage": (["stage=no-such-stage"], "unknown stage 'no-such-stage': choose from all, attribution, cache, data, patching, report"),
+    "unknown-stage": (["stage=no-such-stage"], "unknown stage 'no-such-stage': choose from all, attribution, cache, circuit, data, patching, report"),
 }
 
 
