@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from pipeline.config import CONF_DIR
 from pipeline.errors import PipelineError
 
-GROUPS = ("model", "dataset", "direction", "metric", "stage", "experiment")
+GROUPS = ("model", "dataset", "task", "direction", "metric", "stage", "experiment")
 log = logging.getLogger("pipeline")
 
 

@@ -1,10 +1,12 @@
-"""Build the dataset from the package's pairs and templates by matched guise probing.
+"""Build the dataset from pairs and templates (the package's or the user's) by matched guise probing.
 
 For every pair and template, the configured model gives log p(attribute | prompt) for the AAE and
-the SAE prompt. A prompt's `best_attr_aae` and `best_attr_sae` are chosen from these associations
-log p(a|AAE) - log p(a|SAE) by the rule `dataset.answers` (pipeline/data/answers.py). The
-association of each attribute with AAE over SAE, averaged over pairs and templates, is written as
-a table and chart.
+the SAE prompt, for every attribute whatever its number of tokens (pipeline/data/scoring.py). A
+prompt's `best_attr_aae` is a one-token attribute with a large log p(a|AAE) - log p(a|SAE),
+`best_attr_sae` one with a small one, chosen by the rule `dataset.answers` (pipeline/data/answers.py;
+a task may fix both answers with `dataset.answer_pair`).
+The association of each attribute with AAE over SAE, averaged over pairs and templates, is written
+as a table and chart.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import pandas as pd
 import torch
 
 from pipeline.data.answers import choose_answers
-from pipeline.data.resources import load_attributes, load_pairs, load_templates
+from pipeline.data.inputs import fill
+from pipeline.data.scoring import attribute_tokens, score_attributes
 from pipeline.errors import PipelineError
-from pipeline.forward import map_last_logits
-from pipeline.prompts import single_token_ids, tokenize
+from pipeline.prompts import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -37,61 +39,81 @@ def interleave(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return df.loc[order].reset_index(drop=True)
 
 
-def build_rows(features=None) -> pd.DataFrame:
-    """Every pair variant in every template, in the interleaved order."""
-    pairs = load_pairs()
+def build_rows(pairs: pd.DataFrame, templates: list[str], features=None) -> pd.DataFrame:
+    """Every pair in every template, in the interleaved order."""
     if features:
         unknown = sorted(set(features) - set(pairs.feature))
         if unknown:
             raise PipelineError(f"dataset.features: unknown feature(s) {unknown}; known: {sorted(set(pairs.feature))}")
         pairs = pairs[pairs.feature.isin(features)]
     rows = []
-    for t_index, template in enumerate(load_templates()):
+    for t_index, template in enumerate(templates):
         for p in pairs.itertuples(index=False):
             rows.append({
-                "prompt_aae": template.format(p.aae), "prompt_sae": template.format(p.sae),
+                "prompt_aae": fill(template, p.aae), "prompt_sae": fill(template, p.sae),
                 "feature": p.feature, "template": template, "template_index": t_index,
                 "pair_id": p.pair_id, "pronoun": p.pronoun, "utterance_aae": p.aae, "utterance_sae": p.sae,
             })
     return interleave(pd.DataFrame(rows))
 
 
-def probe(model, rows: pd.DataFrame, batch_size: int, prepend_bos: bool, answers: str = "cross_fit", answer_pair=None):
-    """Matched guise probing: fill best_attr_aae / best_attr_sae by the rule `answers`
-    (pipeline/data/answers.py), and return the per-row
-    log-probabilities of every attribute {"aae": [rows, attributes], "sae": ...}, the attribute
-    names and the attributes dropped for not being one token."""
-    attr_ids, dropped = single_token_ids(model, load_attributes())
-    if dropped:
-        log.info("skipping %d attributes that are not one token for this model: %s", len(dropped), ", ".join(dropped))
-    if len(attr_ids) < 2:
-        raise PipelineError("fewer than two trait attributes are single tokens for this model's tokenizer")
-    names = list(attr_ids)
-    ids = torch.tensor([attr_ids[a] for a in names])
-
-    def attr_logprobs(last_logits, _rows):
-        return torch.log_softmax(last_logits, dim=-1)[:, ids]
-
+def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, prepend_bos: bool,
+          answers: str = "cross_fit", answer_pair: list[str] | None = None, multi_token: bool = True):
+    """Matched guise probing: the per-row log-probabilities of every attribute, whatever its number
+    of tokens, {"aae": [rows, attributes], "sae": ...}; and each row's answers best_attr_aae /
+    best_attr_sae by the rule `answers` (pipeline/data/answers.py) among the one-token attributes
+    (the logit difference, attribution and patching read one token) or the given `answer_pair`.
+    With `multi_token=False` only one-token attributes (and the answer pair) are scored: the
+    old, cheaper probing. Returns the rows with their answers, the log-probabilities, the
+    attribute names, and the attributes left out of the answers with the reason."""
+    pair = list(answer_pair or [])
+    names = list(dict.fromkeys([*attributes, *pair]))
+    attrs = attribute_tokens(model, names)
+    if not multi_token:
+        skipped = [a for a, one in zip(names, attrs.one_token) if not one and a not in pair]
+        if skipped:
+            log.info("dataset.multi_token=false: not scoring %d multi-token attributes: %s", len(skipped), ", ".join(skipped))
+        names = [a for a in names if a not in skipped]
+        attrs = attribute_tokens(model, names)
+    left_out = {a: f"{len(t)} tokens: " + " + ".join(repr(p) for p in attrs.pieces(a, model.tokenizer))
+                for a, t, one in zip(names, attrs.ids, attrs.one_token) if not one and a not in pair}
+    if left_out:
+        log.info("%d attributes are more than one token for this model: scored by the chain rule, left out of the "
+                 "answers: %s", len(left_out), ", ".join(left_out))
+    candidates = answer_columns(names, left_out)
+    if len(candidates) < 2:
+        raise PipelineError("fewer than two attributes are one token for this model's tokenizer, so no prompt can get "
+                            "two one-token answers: add one-token attributes or set dataset.answer_pair")
     logp = {}
     for side in ("aae", "sae"):
         splits = [(t.split("{}")[0], u, t.split("{}")[1]) for t, u in zip(rows.template, rows[f"utterance_{side}"])]
         batch = tokenize(model, list(rows[f"prompt_{side}"]), splits, prepend_bos)
-        logp[side] = map_last_logits(model, batch, batch_size, attr_logprobs, desc=f"probing {side.upper()}")
-    assoc = (logp["aae"] - logp["sae"]).numpy()  # [rows, attributes]
+        logp[side] = score_attributes(model, batch, attrs, batch_size, desc=f"probing {side.upper()}")
+    assoc = (logp["aae"] - logp["sae"]).numpy()[:, candidates]
+    choices = [names[i] for i in candidates]
+    aae, sae = choose_answers(assoc, choices, rows.pair_id, answers, answer_pair)
     out = rows.copy()
-    aae, sae = choose_answers(assoc, names, rows.pair_id, answers, answer_pair)
-    out.insert(2, "best_attr_aae", [names[i] for i in aae])
-    out.insert(3, "best_attr_sae", [names[i] for i in sae])
-    return out, logp, names, dropped
+    out.insert(2, "best_attr_aae", [choices[i] for i in aae])
+    out.insert(3, "best_attr_sae", [choices[i] for i in sae])
+    return out, logp, names, left_out
 
 
-def association_table(assoc: np.ndarray, names: list[str], features: pd.Series) -> pd.DataFrame:
+def answer_columns(names: list[str], left_out) -> list[int]:
+    """The attributes answers may be chosen from: all but those left out (more than one token).
+    The cache stage's null chooses again among the same ones."""
+    return [i for i, a in enumerate(names) if a not in left_out]
+
+
+def association_table(assoc: np.ndarray, names: list[str], features: pd.Series, n_tokens: list[int] | None = None) -> pd.DataFrame:
     """Mean association of each attribute with AAE over SAE, with a normal 95% interval over
-    prompts, plus the mean per dialect feature; sorted from most AAE-associated down."""
+    prompts, plus the mean per dialect feature and each attribute's number of tokens; sorted from
+    most AAE-associated down."""
     n = assoc.shape[0]
     mean, sem = assoc.mean(0), assoc.std(0, ddof=1) / np.sqrt(max(n, 1)) if n > 1 else np.zeros(assoc.shape[1])
     table = pd.DataFrame({"attribute": names, "association": mean, "sem": sem,
                           "ci_low": mean - 1.96 * sem, "ci_high": mean + 1.96 * sem, "n_prompts": n})
+    if n_tokens is not None:
+        table.insert(1, "n_tokens", n_tokens)
     for feature in sorted(features.unique()):
         table[f"association_{feature}"] = assoc[(features == feature).to_numpy()].mean(0)
     return table.sort_values("association", ascending=False).reset_index(drop=True)

@@ -7,9 +7,9 @@ import pandas as pd
 import torch
 
 from pipeline.data.builder import interleave
-from pipeline.data.resources import load_templates
+from pipeline.data.resources import packaged_templates
 from pipeline.errors import PipelineError
-from pipeline.prompts import PairedPrompts, align_roles, single_token_ids, split_by_difference, split_with_template, tokenize
+from pipeline.prompts import PairedPrompts, align_roles, split_by_difference, split_with_template, tokenize
 
 SEED_COLUMNS = ["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae"]
 
@@ -29,20 +29,34 @@ def select(df: pd.DataFrame, features=None, max_prompts=None) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def one_token_answers(tokenizer, words: list[str], where: str, candidates: list[str] = (), advice: str = "") -> dict[str, int]:
+    """Each answer's token id; one clear line if an answer is more than one token (with its leading
+    space) for this tokenizer, naming its pieces and the one-token `candidates` it could be
+    replaced by."""
+    def ids(word):
+        return tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+
+    bad = [w for w in words if len(ids(w)) != 1]
+    if bad:
+        pieces = "; ".join(f"{' ' + w!r} is " + " + ".join(repr(tokenizer.decode([t])) for t in ids(w)) for w in bad)
+        alternatives = [c for c in candidates if c not in bad and len(ids(c)) == 1]
+        hint = (f"; one-token attributes it could use instead: {', '.join(repr(' ' + c) for c in alternatives)}"
+                if alternatives else "")
+        raise PipelineError(f"{where}: answers that are not one token for this model's tokenizer ({pieces}); the logit "
+                            f"difference, attribution and patching read one token{hint}{advice}")
+    return {w: ids(w)[0] for w in words}
+
+
 def check_attributes(model, df: pd.DataFrame, where: str) -> dict[str, int]:
     """Every answer must be one token (with its leading space) for this model's tokenizer; returns
     each answer's token id."""
-    words = sorted(set(df.best_attr_aae) | set(df.best_attr_sae))
-    ids, bad = single_token_ids(model, words)
-    if bad:
-        raise PipelineError(f"{where}: attributes that are not one token for this model's tokenizer: {', '.join(repr(' ' + w) for w in bad)}")
-    return ids
+    return one_token_answers(model.tokenizer, sorted(set(df.best_attr_aae) | set(df.best_attr_sae)), where)
 
 
 def splits_for(df: pd.DataFrame, side: str) -> list[tuple[str, str, str]]:
     """(prefix, utterance, suffix) of every prompt on one side: by its template column, by one of
-    the package's templates, or else where the AAE and SAE prompts differ."""
-    templates = load_templates()
+    the package's task templates, or else where the AAE and SAE prompts differ."""
+    templates = packaged_templates()
     out = []
     for row in df.itertuples(index=False):
         prompt = getattr(row, f"prompt_{side}")
@@ -71,4 +85,4 @@ def pair_prompts(model, df: pd.DataFrame, direction, prepend_bos: bool) -> Paire
     return PairedPrompts(clean_batch, corrupt_batch, answers, [(" " + a, " " + b) for a, b in answer_words], names, cpos, kpos)
 
 
-__all__ = ["SEED_COLUMNS", "select", "check_attributes", "pair_prompts", "interleave"]
+__all__ = ["SEED_COLUMNS", "select", "check_attributes", "one_token_answers", "pair_prompts", "interleave"]

@@ -1,26 +1,52 @@
-"""The data files shipped in this folder: AAE/SAE utterance pairs, the nine trait templates of
-matched guise probing, and the Katz-Braly trait adjectives."""
+"""The data files shipped in this folder, and the user's files that replace them.
+
+- `pairs.csv`: AAE/SAE utterance pairs over eight dialect features, each in he/she/they variants;
+- `tasks/<task>/templates.txt` and `tasks/<task>/attributes.txt`: one probing task each (the
+  config group conf/task/ chooses one): `traits` (the nine trait templates of matched guise probing
+  and the Katz-Braly adjectives), `conviction`, `death_penalty`, `occupations`.
+Each loader takes the user's file instead when one is configured; both go through the same
+readers and checks (pipeline/data/inputs.py).
+"""
 
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 import pandas as pd
 
-HERE = files("pipeline.data")
+from pipeline.data.inputs import read_attributes, read_pairs, read_templates
+from pipeline.errors import PipelineError
+
+HERE = Path(str(files("pipeline.data")))
+TASKS = sorted(p.name for p in (HERE / "tasks").iterdir() if (p / "templates.txt").is_file())
 
 
-def load_pairs() -> pd.DataFrame:
-    """Columns pair_id, feature, pronoun, aae, sae; one row per pronoun variant."""
-    with HERE.joinpath("pairs.csv").open() as f:
-        return pd.read_csv(f, dtype=str)
+def task_file(task: str, kind: str) -> Path:
+    if task not in TASKS:
+        raise PipelineError(f"dataset.task: unknown task {task!r}; known: {', '.join(TASKS)} "
+                            f"(or give your own dataset.templates and dataset.attributes files)")
+    return HERE / "tasks" / task / f"{kind}.txt"
 
 
-def load_templates() -> list[str]:
+def load_pairs(path: str | None = None, feature: str | None = None) -> pd.DataFrame:
+    """Columns pair_id, feature, pronoun, aae, sae; one row per pair (the package's pairs: one per
+    pronoun variant)."""
+    if path:
+        return read_pairs(path, feature)
+    return read_pairs(HERE / "pairs.csv", key="package pairs")
+
+
+def load_templates(task: str = "traits", path: str | None = None) -> list[str]:
     """Templates with one `{}` slot for the utterance."""
-    return [line for line in HERE.joinpath("templates.txt").read_text().splitlines() if line.strip()]
+    return read_templates(path) if path else read_templates(task_file(task, "templates"), key=f"task {task} templates")
 
 
-def load_attributes() -> list[str]:
-    """Trait adjectives without their leading space."""
-    return [line.strip() for line in HERE.joinpath("attributes.txt").read_text().splitlines() if line.strip()]
+def load_attributes(task: str = "traits", path: str | None = None) -> list[str]:
+    """Attributes without their leading space."""
+    return read_attributes(path) if path else read_attributes(task_file(task, "attributes"), key=f"task {task} attributes")
+
+
+def packaged_templates() -> list[str]:
+    """Every task's templates: the frames a CSV dataset's prompts may come from."""
+    return [t for task in TASKS for t in load_templates(task)]
