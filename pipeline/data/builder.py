@@ -15,10 +15,10 @@ import logging
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline.data.answers import choose_answers
 from pipeline.data.inputs import fill
+from pipeline.data.resources import load_pairs, load_templates
 from pipeline.data.scoring import attribute_tokens, score_attributes
 from pipeline.errors import PipelineError
 from pipeline.prompts import tokenize
@@ -39,8 +39,11 @@ def interleave(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return df.loc[order].reset_index(drop=True)
 
 
-def build_rows(pairs: pd.DataFrame, templates: list[str], features=None) -> pd.DataFrame:
-    """Every pair in every template, in the interleaved order."""
+def build_rows(pairs: pd.DataFrame | None = None, templates: list[str] | None = None, features=None) -> pd.DataFrame:
+    """Every pair in every template, in the interleaved order (the package's pairs and trait
+    templates where none are given)."""
+    pairs = load_pairs() if pairs is None else pairs
+    templates = load_templates() if templates is None else templates
     if features:
         unknown = sorted(set(features) - set(pairs.feature))
         if unknown:
