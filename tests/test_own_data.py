@@ -156,7 +156,12 @@ def test_user_pairs_with_the_conviction_task_run_every_stage(tmp_path):
         run(make_cfg(multi), tmp_path / "a")
     assert not (tmp_path / "a" / "dataset.csv").exists()
     run(make_cfg([*multi, "stage=data"]), tmp_path / "b")
-    assert (tmp_path / "b" / "tables" / "attribute_association.csv").exists()
+    table = pd.read_csv(tmp_path / "b" / "tables" / "attribute_association.csv")
+    assert set(table.attribute) == {"convicted", "acquitted", "guilty", "innocent"}
+    # The cheaper probing of one-token attributes only, when asked for.
+    run(make_cfg([*common, "stage=data", "dataset.multi_token=false"]), tmp_path / "c")
+    table = pd.read_csv(tmp_path / "c" / "tables" / "attribute_association.csv")
+    assert set(table.attribute) == {"convicted", "guilty", "innocent"}
 
 
 def test_bad_template_file_through_the_command(tmp_path):

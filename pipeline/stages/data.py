@@ -55,7 +55,7 @@ def run(ctx) -> None:
                                      "still writes the association table of every attribute")
         rows = select(build_rows(pairs, templates, cfg.features), None, cfg.max_prompts)
         df, logp, names, left_out = probe(ctx.model, rows, attributes, int(ctx.cfg.batch_size),
-                                          bool(ctx.cfg.model.prepend_bos), cfg.answers, fixed)
+                                          bool(ctx.cfg.model.prepend_bos), cfg.answers, fixed, bool(cfg.multi_token))
         assoc = (logp["aae"] - logp["sae"]).numpy()
         n_perm, seed = int(ctx.cfg.nulls.permutations), int(ctx.cfg.seed)
         null = association_null(assoc, df.pair_id, n_perm, seed, float(ctx.cfg.nulls.fdr)).assign(attribute=names)
