@@ -148,6 +148,9 @@ def test_user_pairs_with_the_conviction_task_run_every_stage(tmp_path):
     assert set(logit_diff.correct) == {" guilty"}
     left_out = json.loads(safe_open_metadata(run_dir / "tensors" / "guise_logprobs.safetensors")["not_answers"])
     assert list(left_out) == ["acquitted"] and "2 tokens" in left_out["acquitted"]
+    report = (run_dir / "report.html").read_text()
+    assert "Left out of the answers" in report and "acquitted (2 tokens)" in report
+    assert "guilty (AAE side) / innocent (SAE side), every prompt" in report and "conviction" in report
 
     # A two-token answer: the analyses that read one token stop before probing, with one line that
     # names it and the one-token attributes the config could take; stage=data alone still runs.

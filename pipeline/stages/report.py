@@ -247,6 +247,11 @@ def dataset_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
             facts.append(("pronouns", ", ".join(f"{p or '(none)'} {n}" for p, n in counts.items())))
         attributes = set(df.get("best_attr_aae", [])) | set(df.get("best_attr_sae", []))
         facts.append(("answer attributes", str(len(attributes))))
+        task = OmegaConf.select(cfg, "dataset.task") if cfg is not None and not OmegaConf.select(cfg, "dataset.path") else None
+        if task:
+            facts.append(("task", str(task)))
+        if len(attributes) == 2 and "best_attr_aae" in df and df.best_attr_aae.nunique() == 1:
+            facts.append(("answers", f"{df.best_attr_aae.iloc[0]} (AAE side) / {df.best_attr_sae.iloc[0]} (SAE side), every prompt"))
         data["facts"] = facts
         if "template" in df:
             data["templates"] = [[t, int(n)] for t, n in df.template.value_counts(sort=False).items()]
@@ -278,8 +283,12 @@ def feature_rows(df: pd.DataFrame) -> list[list]:
 
 
 def association_tables(table: pd.DataFrame) -> dict:
-    """The 10 most AAE-associated and the 10 most SAE-associated attributes."""
-    columns = [c for c in ("attribute", "association", "ci_low", "ci_high", "null_low", "null_high", "p_perm", "n_prompts") if c in table]
+    """The 10 most AAE-associated and the 10 most SAE-associated attributes, and the attributes
+    that are scored but cannot be answers (more than one token for the model)."""
+    columns = [c for c in ("attribute", "n_tokens", "association", "ci_low", "ci_high", "null_low", "null_high", "p_perm",
+                           "n_prompts") if c in table]
+    multi = table[table.n_tokens > 1] if "n_tokens" in table else table.iloc[:0]
+    left_out = [f"{a} ({int(n)} tokens)" for a, n in zip(multi.attribute, multi.n_tokens)]
     table = table.sort_values("association", ascending=False)
     top = table.head(10)
     bottom = table.iloc[len(top):].tail(10).iloc[::-1]
@@ -287,7 +296,7 @@ def association_tables(table: pd.DataFrame) -> dict:
     def rows(frame):
         return [[v.item() if hasattr(v, "item") else v for v in row] for row in frame[columns].itertuples(index=False)]
 
-    return {"columns": columns, "top": rows(top), "bottom": rows(bottom),
+    return {"columns": columns, "top": rows(top), "bottom": rows(bottom), "left_out": left_out,
             "csv": "tables/attribute_association.csv"}
 
 
