@@ -20,6 +20,8 @@ def test_wheel_carries_the_configs_and_the_installed_command_finds_them(tmp_path
     repo_yaml = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     assert {f"pipeline/conf/{n}" for n in repo_yaml} <= names
     assert "pipeline/data/pairs.csv" in names
+    assert {f"pipeline/data/tasks/{t}/{k}.txt" for t in ("traits", "conviction", "death_penalty", "occupations")
+            for k in ("templates", "attributes")} <= names
     templates = {p.relative_to(REPO).as_posix() for p in (REPO / "pipeline" / "templates").rglob("*") if p.is_file()}
     assert templates and templates <= names, templates - names
 

@@ -38,6 +38,9 @@ def test_embedded_model_end_to_end(tmp_path):
                  "tables/attrpatch_agreement.csv", "tensors/patch_resid_pre.safetensors",
                  "figures/logit_lens.html", "figures/patch_head_out.html", "figures/attention_top_heads.html"):
         assert (run_dir / name).exists(), name
+    association = pd.read_csv(run_dir / "tables" / "attribute_association.csv")
+    assert len(association) == 83 and (association.n_tokens > 1).sum() == 37  # multi-token adjectives scored too
+    assert set(dataset.best_attr_aae) | set(dataset.best_attr_sae) <= set(association.attribute[association.n_tokens == 1])
     heads = pd.read_csv(run_dir / "tables" / "head_attribution.csv")
     assert len(heads) == 30 * 9 and (heads.ci_low <= heads["mean"]).all() and (heads["mean"] <= heads.ci_high).all()
     assert "layer attribution closes" in (run_dir / "run.log").read_text()
