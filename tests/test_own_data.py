@@ -185,3 +185,18 @@ def test_real_pair_and_attribute_files_of_hofmann_et_al(tiny_model):
     assert read_attributes(HOFMANN / "penalty.txt") == ["life", "death"]
     occupations = attribute_tokens(tiny_model, read_attributes(HOFMANN / "occupations.txt"))
     assert not all(occupations.one_token)  # multi-token ones are scored, not dropped
+
+
+def test_readme_examples_are_valid_files(tmp_path):
+    """The README's five-line example of each file reads as it says."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Your own data"): text.index("**Tasks**")]
+    blocks = [b for b in re.findall(r"\n\n((?:    .*\n)+)", section) if "dialect-circuits" not in b]
+    files = [write(tmp_path, name, "".join(line[4:] + "\n" for line in block.splitlines()).replace("<TAB>", "\t"))
+             for name, block in zip(["habitual.txt", "pairs.csv", "templates.txt", "attributes.txt"], blocks)]
+    assert len(files) == 4 and all(len(b.splitlines()) == 5 for b in blocks)
+    assert read_pairs(files[0]).feature.tolist() == ["habitual"] * 5
+    assert read_pairs(files[1]).feature.tolist() == ["finna", "aint", "copula_deletion", "aint"]
+    assert len(read_templates(files[2])) == 5 and read_attributes(files[3])[2] == "happy-go-lucky"
