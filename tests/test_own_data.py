@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.prompts import tokenize
 from pipeline.runner import run
 from conftest import REPO, make_cfg, only_run_dir, run_cli
-from test_bad_input import check_error
+from test_bad_input import check_refused
 
 HOFMANN = REPO.parent / "shared" / "data" / "hofmann"
 needs_hofmann = pytest.mark.skipif(not (HOFMANN / "habitual.txt").is_file(), reason="no ../shared/data/hofmann in this checkout")
@@ -169,8 +169,9 @@ def test_user_pairs_with_the_conviction_task_run_every_stage(tmp_path):
 
 def test_bad_template_file_through_the_command(tmp_path):
     templates = write(tmp_path, "templates.txt", 'The person says: " {} " The person is\nA person who says is\n')
-    check_error(run_cli(["model=tiny", "stage=data", f"dataset.templates={templates}"], cwd=tmp_path),
-                str(templates), "line 2", "no {} slot")
+    check_refused(run_cli(["model=tiny", "stage=data", f"dataset.templates={templates}"], cwd=tmp_path),
+                  f"dataset.templates {templates}, line 2: no {{}} slot in 'A person who says is'; accepted: exactly one {{}} "
+                  'where the utterance goes, e.g. The person says: " {} " The person is', tmp_path)
 
 
 @needs_hofmann
