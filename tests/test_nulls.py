@@ -110,7 +110,7 @@ def neutral_probes(tiny_model):
     out = {}
     for side in ("random", "aae"):
         rows = neutral_rows(side)
-        _, logp, names, _ = probe(tiny_model, rows, 48, True, "per_prompt")
+        _, logp, names, _ = probe(tiny_model, rows, load_attributes(), 48, True, "per_prompt", multi_token=False)
         out[side] = (rows, (logp["aae"] - logp["sae"]).double().numpy(), names)
     return out
 
@@ -190,7 +190,8 @@ def test_stages_write_nulls_and_significance(tmp_path, tiny_model):
 @pytest.mark.parametrize("args, line", [
     (["dataset.answers=best"], "config: dataset.answers='best' is not allowed; accepted: cross_fit, per_prompt or global"),
     (["dataset.answers=global", "dataset.answer_pair=[lazy,no-such-trait]"],
-     "dataset.answer_pair: 'no-such-trait' not among the probed attributes (pipeline/data/attributes.txt, one token for this model)"),
+     "dataset.answer_pair: 'no-such-trait' not among the probed attributes (dataset.attributes, or the task's "
+     "pipeline/data/tasks/<task>/attributes.txt)"),
 ], ids=["unknown-rule", "unknown-attribute"])
 def test_bad_answer_config_is_one_line(tmp_path, args, line):
     result = run_cli(["model=tiny", "stage=data", "dataset.max_prompts=4", *args], cwd=tmp_path)

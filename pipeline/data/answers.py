@@ -43,7 +43,7 @@ def check_rule(rule: str, answer_pair, names: list[str] | None = None) -> tuple[
     missing = [a for a in pair if a not in names]
     if missing:
         raise PipelineError(f"dataset.answer_pair: {', '.join(map(repr, missing))} not among the probed attributes "
-                            "(pipeline/data/attributes.txt, one token for this model)")
+                            "(dataset.attributes, or the task's pipeline/data/tasks/<task>/attributes.txt)")
     return names.index(pair[0]), names.index(pair[1])
 
 

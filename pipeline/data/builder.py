@@ -70,7 +70,7 @@ def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, pre
     old, cheaper probing. Returns the rows with their answers, the log-probabilities, the
     attribute names, and the attributes left out of the answers with the reason."""
     pair = list(answer_pair or [])
-    names = list(dict.fromkeys([*attributes, *pair]))
+    names = list(attributes)
     attrs = attribute_tokens(model, names)
     if not multi_token:
         skipped = [a for a, one in zip(names, attrs.one_token) if not one and a not in pair]

@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.forward import map_last_logits
 from pipeline.metrics import logit_diff
 from pipeline.nulls import baseline_null
+from pipeline.data.builder import answer_columns
 from pipeline.stages.data import GUISE_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,12 @@ def gap_null(ctx, ld: dict[str, torch.Tensor]) -> pd.DataFrame:
     if cfg.dataset.path or not path.exists():
         return baseline_null(observed, units, features, n_perm, n_boot, seed).assign(answers="fixed (dataset.path)")
     logp = read_tensors(path)
-    names = json.loads(safe_open_metadata(path)["columns"])
-    assoc = (logp["aae"] - logp["sae"]).double().numpy()
+    meta = safe_open_metadata(path)
+    names = json.loads(meta["columns"])
+    # The answers were chosen among the one-token attributes only (pipeline/data/builder.py): so are the null's.
+    keep = answer_columns(names, json.loads(meta.get("not_answers", "{}")))
+    assoc = (logp["aae"] - logp["sae"]).double().numpy()[:, keep]
+    names = [names[i] for i in keep]
     return baseline_null(observed, units, features, n_perm, n_boot, seed, assoc, names,
                          str(cfg.dataset.answers), cfg.dataset.answer_pair).assign(answers=str(cfg.dataset.answers))
 

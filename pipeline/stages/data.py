@@ -47,6 +47,7 @@ def run(ctx) -> None:
         pairs = load_pairs(cfg.get("pairs"), cfg.get("feature"))
         templates = load_templates(task, cfg.get("templates"))
         attributes = load_attributes(task, cfg.get("attributes"))
+        check_rule(cfg.answers, cfg.answer_pair, attributes)  # a given pair must be among the attributes
         fixed = [str(a).strip() for a in cfg.answer_pair] if cfg.answer_pair else None
         if fixed and any(s not in NO_ANSWERS_NEEDED for s in ctx.cfg.stage.stages):
             # Stop before probing: the later stages could not use a multi-token answer.

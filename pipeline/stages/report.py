@@ -285,6 +285,8 @@ def feature_rows(df: pd.DataFrame) -> list[list]:
 def association_tables(table: pd.DataFrame) -> dict:
     """The 10 most AAE-associated and the 10 most SAE-associated attributes, and the attributes
     that are scored but cannot be answers (more than one token for the model)."""
+    columns = [c for c in ("attribute", "n_tokens", "association", "ci_low", "ci_high", "null_low", "null_high", "p_perm",
+                           "n_prompts") if c in table]
     multi = table[table.n_tokens > 1] if "n_tokens" in table else None
     left_out = [] if multi is None else [f"{a} ({int(n)} tokens)" for a, n in zip(multi.attribute, multi.n_tokens)]
     table = table.sort_values("association", ascending=False)
