@@ -78,6 +78,20 @@ def test_different_config_refuses_existing_run(tmp_path):
         run(make_cfg(["model=tiny", "dataset.max_prompts=5", "stage.stages=[data]"]), tmp_path / "run")
 
 
+SLOW_CELLS = """
+import sys, time
+from pipeline.patching import engine
+original = engine.PreparedBatch.run_fast
+def slowed(*args, **kwargs):
+    time.sleep(0.3)
+    return original(*args, **kwargs)
+engine.PreparedBatch.run_fast = slowed
+from pipeline.__main__ import main
+sys.argv = ["dialect-circuits", *sys.argv[1:]]
+main()
+"""
+
+
 def test_sigterm_mid_stage_marks_interrupted_and_the_same_command_resumes(tmp_path):
     """SIGTERM to the CLI while it patches: the manifest says interrupted (the stage too), the
     finished cells are flushed to the checkpoint although no regular checkpoint was due, and the
@@ -87,7 +101,11 @@ def test_sigterm_mid_stage_marks_interrupted_and_the_same_command_resumes(tmp_pa
     overrides = [o for o in overrides if o not in ("batch_size=3", "patching.rows_per_run=3")]
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", *overrides, f"hydra.run.dir={run_dir}"]
-    job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The first run is the same command with every group of patched cells slowed by 0.3 s, so the
+    # signal lands mid-sweep however fast the machine is (the tiny model's sweep takes well under
+    # a second otherwise, and the signal could arrive after resid_pre had finished).
+    slowed = [sys.executable, "-c", SLOW_CELLS, *overrides, f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen(slowed, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = []
     reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: job.stderr.read(1), "")), daemon=True)
     reader.start()
