@@ -42,12 +42,12 @@ def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int,
             mb = batch.slice(rows).to(device)
             logits, cache = model.run_with_cache(mb.tokens, attention_mask=mb.attention_mask,
                                                  names_filter=lambda name: name.endswith(CACHED_HOOKS))
-            direction, bias = logit_diff_directions(model, answers[rows])
+            direction, bias = (t.float() for t in logit_diff_directions(model, answers[rows]))
             ar = torch.arange(len(mb), device=device)
-            scale = cache["ln_final.hook_scale"][ar, mb.last]  # [b, 1]
+            scale = cache["ln_final.hook_scale"][ar, mb.last].float()  # [b, 1]
 
             def project(stack):  # [c, b, pos, d] -> [c, b] logit difference at each prompt's last token
-                last = stack[:, ar, mb.last]
+                last = stack[:, ar, mb.last].float()  # accumulate in float32 whatever the model's dtype
                 return (apply_final_ln_scale(model, last, scale) * direction).sum(-1)
 
             acc, labels["logit_lens"] = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=None, return_labels=True)
@@ -57,8 +57,8 @@ def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int,
             out["layer"].append(torch.cat([project(dec), bias[None]]))
             heads = []
             for layer in range(n_layers):
-                z_last = cache[f"blocks.{layer}.attn.hook_z"][ar, mb.last]  # [b, heads, d_head]
-                per_head = torch.einsum("bhk,hkd->hbd", z_last, W_O[layer])  # each head's write, no bias
+                z_last = cache[f"blocks.{layer}.attn.hook_z"][ar, mb.last].float()  # [b, heads, d_head]
+                per_head = torch.einsum("bhk,hkd->hbd", z_last, W_O[layer].float())  # each head's write, no bias
                 heads.append((apply_final_ln_scale(model, per_head, scale) * direction).sum(-1))
             out["head"].append(torch.stack(heads))
             out["model_logit_diff"].append(logit_diff(gather_last(logits, mb.last).float(), answers[rows]))

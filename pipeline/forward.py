@@ -77,3 +77,15 @@ def map_last_logits(
             mb = batch.slice(rows).to(device)
             out.append(reduce(last_token_logits(model, mb).float(), rows).cpu())
     return torch.cat(out)
+
+
+def sum_tolerance(dtype: torch.dtype, terms: torch.Tensor, float32_atol: float = 1e-3) -> float:
+    """How far a float32 sum of per-component contributions `terms` [components, prompts] may be
+    from the model's own number. In float32, `float32_atol`. A model run in half precision rounds
+    its residual stream to the dtype's resolution at every addition, and the components were
+    computed in that dtype, so the bound grows with the resolution (eps) times the size of what
+    was summed: eps * max over prompts of sum |terms| (the factor 4 leaves room for the roundings
+    that components do not see: norm scale, unembedding)."""
+    if dtype in (torch.float32, torch.float64):
+        return float32_atol
+    return float32_atol + 4 * torch.finfo(dtype).eps * float(terms.abs().sum(0).max())

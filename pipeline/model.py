@@ -10,6 +10,7 @@ the notebook's processing flags.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -65,10 +66,45 @@ def load_tokenizer_and_hf_model(model_cfg, dtype: torch.dtype):
         gguf = folder / model_cfg.gguf_file
         if not gguf.exists():
             raise PipelineError(f"embedded model file is missing: {gguf}")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=dtype)
-        return tokenizer, hf_model
+        cache_root = model_cfg.get("cache_dir")
+        if not cache_root:  # no cache configured: convert the GGUF file every time
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
+            return tokenizer, AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=dtype)
+        converted = dequantized_copy(gguf, Path(cache_root))
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+        return tokenizer, AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     raise ValueError(model_cfg.source)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dequantized_copy(gguf: Path, cache_root: Path) -> Path:
+    """A Hugging Face folder (config, tokenizer, float32 safetensors) with the GGUF file's weights
+    dequantized, under `cache_root`, keyed by the file's SHA-256: converting the GGUF file takes
+    20-30 s on a CPU, loading the copy a second or two. Written once, atomically (temp folder,
+    then rename), so parallel runs never read half a copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("dequantizing %s once into %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    hf_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first; its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def build_tiny_model(model_cfg) -> Path:

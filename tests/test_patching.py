@@ -70,10 +70,26 @@ def test_fast_engine_equals_reference_on_padded_prompts(tiny_model, part):
     torch.testing.assert_close(fast.nan_to_num(), ref.nan_to_num(), atol=1e-4, rtol=0)
 
 
+def test_fast_engine_reuses_keys_and_values(tiny_model):
+    """The fast engine runs kv_forward (not the fallback) and starts head patches where the
+    prompts first differ, not at position 0."""
+    from pipeline.patching.engine import PreparedBatch
+    from pipeline.patching.sweeps import all_position_pairs
+
+    pairs = pair_prompts(tiny_model, small_dataset(5), make_cfg([]).direction, True)
+    prepared = PreparedBatch(tiny_model, pairs, slice(0, 5), {"blocks.0.attn.hook_z"}, True, all_position_pairs(pairs))
+    assert prepared.recording is not None
+    assert (prepared.shared > 0).all() and (prepared.first_change >= prepared.shared).all()
+
+
 def test_fast_engine_equals_reference_on_embedded_model(embedded_model):
+    from pipeline.patching.engine import PreparedBatch
+    from pipeline.patching.sweeps import all_position_pairs
+
     model = embedded_model
     pairs = pair_prompts(model, small_dataset(4), make_cfg([]).direction, True)
-    for part, layers in (("resid_pre", (29,)), ("value", (0, 29))):
+    assert PreparedBatch(model, pairs, slice(0, 4), set(), True, all_position_pairs(pairs)).recording is not None
+    for part, layers in (("resid_pre", (29,)), ("value", (0, 29)), ("query", (14,)), ("pattern", (28,))):
         cells = [c for c in cells_of(model, pairs, part) if c.layer in layers]
         fast, _ = run_cells(model, pairs, cells, 4, fast=True)
         ref, _ = run_cells(model, pairs, cells, 4, fast=False)

@@ -5,18 +5,22 @@ positions, in two interchangeable ways that give the same numbers:
   mask, metric read from the logits at each prompt's real last token (TransformerLens's
   `generic_activation_patch` loop, made correct for padded prompts of different lengths);
 - fast: the same patched runs with less work.
-  * start at the patched layer: the corrupted run's input to every block (the residual and the
-    block's own call arguments: attention mask, rotary position embeddings) is recorded once
-    per micro-batch, and patched runs resume there (TransformerBridge's `start_at_layer` still
-    executes the earlier blocks, so it saves nothing);
+  * compute only what can change: in a causal model, every position before the first one a
+    patch changes is the corrupted run's, in every block. The corrupted run's keys and values
+    are recorded once per micro-batch (pipeline/patching/kv_forward.py), and a patched run
+    starts at the patched block and at that position, reusing the recorded keys and values of
+    the earlier positions. A patch changes nothing at a position whose clean and corrupted
+    token prefixes are identical (the shared template prefix), so head patches over "all
+    positions" start where the two prompts first differ; prompts where no patched position
+    differs take the corrupted value without a run;
   * compute only what the metric reads: the final norm at each prompt's last token and the
     logit-difference direction, never the full vocabulary at every position;
-  * skip patches that cannot change anything: copying a position whose clean and corrupted
-    token prefixes are identical (the shared template prefix) leaves a causal model's run
-    unchanged, so those prompts take the corrupted value without a run;
   * batch cells: the cells of one layer and part run together, each on its own copy of the
-    prompts, up to `rows_per_run` rows per forward (few large matrix products instead of many
-    small ones, which is what costs time on a CPU).
+    prompts, up to `rows_per_run` rows per forward, their patches applied as one indexed copy
+    (few large matrix products instead of many small ones, which is what costs time on a CPU).
+  For a block layout kv_forward does not know, the fast engine resumes the bridge's own blocks
+  from the recorded block inputs instead (all positions; TransformerBridge's `start_at_layer`
+  still executes the earlier blocks, so it would save nothing).
 
 Values are raw logit differences per prompt, [layer, role-or-head, prompt], NaN where a prompt
 has no such role; normalizing is the caller's job.
@@ -24,6 +28,8 @@ has no such role; normalizing is the caller's job.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,10 +37,11 @@ from tqdm.auto import tqdm
 
 from pipeline.forward import model_device
 from pipeline.metrics import gather_last, logit_diff, logit_diff_directions
+from pipeline.patching import kv_forward
 from pipeline.patching.sweeps import Cell, all_position_pairs, patch_head_pattern, patch_head_vector, patch_role
 from pipeline.prompts import PairedPrompts, micro_batches
 
-NOOP_PARTS = ("resid_pre", "attn_out", "mlp_out")
+log = logging.getLogger(__name__)
 
 
 def take_rows(obj, idx: torch.Tensor, batch: int):
@@ -55,9 +62,46 @@ def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass
+class Patch:
+    """Copies of clean activations into a run: entry j copies clean row clean_rows[j] at position
+    c[j] (head head[j]) into run row rows[j] at position k[j]. For the pattern, k and c are the
+    query positions and k_key, c_key the key positions. Several cells' patches concatenate into
+    one, applied as one indexed copy."""
+
+    part: str
+    clean: torch.Tensor
+    rows: torch.Tensor
+    clean_rows: torch.Tensor
+    k: torch.Tensor
+    c: torch.Tensor
+    head: torch.Tensor | None = None
+    k_key: torch.Tensor | None = None
+    c_key: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(patches: list["Patch"]) -> "Patch":
+        first = patches[0]
+        join = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in patches])  # noqa: E731
+        return Patch(first.part, first.clean, *(join(n) for n in ("rows", "clean_rows", "k", "c", "head", "k_key", "c_key")))
+
+    def apply(self, act: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Patch `act`, whose position axis (the query axis of a pattern) begins at `start`;
+        entries before `start` are left out (the caller starts where the first change is)."""
+        keep = self.k >= start
+        pick = lambda t: None if t is None else t[keep]  # noqa: E731
+        rows, crows, k, c, head, kk, ck = (pick(t) for t in (self.rows, self.clean_rows, self.k, self.c, self.head, self.k_key, self.c_key))
+        k = k - start
+        if self.part == "pattern":
+            return patch_head_pattern(act, self.clean, rows, crows, (k, kk), (c, ck), head)
+        if head is None:
+            return patch_role(act, self.clean, rows, crows, k, c)
+        return patch_head_vector(act, self.clean, rows, crows, k, c, head)
+
+
 class PreparedBatch:
     """One micro-batch: its clean activations for the sweep's hooks, and (fast engine) the
-    corrupted run's recorded block inputs."""
+    corrupted run's recording."""
 
     def __init__(self, model, pairs: PairedPrompts, rows: slice, hooks: set[str], fast: bool,
                  all_pos: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -70,18 +114,24 @@ class PreparedBatch:
         self.clean_pos = pairs.clean_pos[rows]
         self.corrupted_pos = pairs.corrupted_pos[rows]
         self.all_pos = all_pos[rows]
+        self.last = self.corrupted.last.cpu()
+        self.shared = shared_prefix(pairs.clean.tokens[rows], pairs.corrupted.tokens[rows])
+        self.first_change = torch.tensor([first_change(k, c, int(s)) for (k, c), s in zip(self.all_pos, self.shared)])
         self.direction, self.bias = logit_diff_directions(model, self.answers)
         with torch.no_grad():
             _, cache = model.run_with_cache(self.clean.tokens, attention_mask=self.clean.attention_mask,
                                             names_filter=lambda name: name in hooks)
         self.clean_acts = {name: cache[name] for name in hooks}
         self.block_inputs: list[tuple[tuple, dict]] = []
+        self.recording: kv_forward.Recording | None = None
         if fast:
             self._record_corrupted(model)
         else:
             self.corrupted_ld = self.reference_ld(model, [])
 
     def _record_corrupted(self, model) -> None:
+        """The corrupted run through the bridge (its logit differences, each block's inputs), then
+        kv_forward's recording of keys and values, kept where it gives the bridge's numbers."""
         handles = []
 
         def recorder(_module, args, kwargs):
@@ -102,11 +152,44 @@ class PreparedBatch:
                 h.remove()
         assert len(self.block_inputs) == model.cfg.n_layers, "every block must run once in the corrupted run"
         self.corrupted_ld = logit_diff(gather_last(logits, self.corrupted.last).float(), self.answers)
+        if not kv_forward.supported(model):
+            return
+        args, kwargs = self.block_inputs[0]
+        x0 = args[0] if args else kwargs["hidden_states"]
+        rotary = kwargs.get("position_embeddings")
+        if rotary is None and model.cfg.positional_embedding_type == "rotary":
+            return
+        with torch.no_grad():
+            recording = kv_forward.Recording.of(model, x0, self.corrupted.attention_mask, rotary)
+            ld = self.final_ld(model, recording.final, torch.arange(self.size), 0)
+        gap = float((ld - self.corrupted_ld.cpu()).abs().max())
+        if gap <= agreement_tolerance(x0.dtype, self.corrupted_ld):
+            self.recording, self.block_inputs = recording, []
+        else:
+            log.warning("kv_forward differs from the bridge on this model (max gap %.2e): resuming the bridge's blocks instead", gap)
+
+    def final_ld(self, model, x: torch.Tensor, sub: torch.Tensor, start: int) -> torch.Tensor:
+        """Logit differences of rows `sub` from the last block's output x, whose positions begin at `start`."""
+        last = x[torch.arange(len(sub), device=x.device), (self.last[sub] - start).to(x.device)]
+        normed = model.ln_final(last[:, None, :])[:, 0].float()
+        dev_sub = sub.to(x.device)
+        return ((normed * self.direction[dev_sub]).sum(-1) + self.bias[dev_sub]).cpu()
 
     def reference_ld(self, model, fwd_hooks) -> torch.Tensor:
         with torch.no_grad():
             logits = model.run_with_hooks(self.corrupted.tokens, attention_mask=self.corrupted.attention_mask, fwd_hooks=fwd_hooks)
         return logit_diff(gather_last(logits, self.corrupted.last).float(), self.answers)
+
+    def patched_ld(self, model, cell: Cell, sub: torch.Tensor, start: int, patch: Patch) -> torch.Tensor:
+        """Logit differences of run rows `sub` (micro-batch rows, repeats allowed) with `patch` in
+        cell's layer: from position `start` on with kv_forward, else resuming the bridge's blocks."""
+        with torch.no_grad():
+            if self.recording is not None:
+                dev_sub = sub.to(model_device(model))
+                x = kv_forward.run_from(model, self.recording, cell.layer, dev_sub, start,
+                                        lambda part, act: patch.apply(act, start) if part == cell.part else act)
+                return self.final_ld(model, x, sub, start)
+            return self.resume_ld(model, cell.layer, sub, [(cell.hook, lambda act, hook: patch.apply(act))])
 
     def resume_ld(self, model, layer: int, sub: torch.Tensor, fwd_hooks) -> torch.Tensor:
         """Logit difference of rows `sub` when the corrupted run restarts at block `layer`."""
@@ -114,7 +197,7 @@ class PreparedBatch:
         whole = len(sub) == self.size and torch.equal(sub, torch.arange(self.size))
         x = args[0] if args else kwargs["hidden_states"]
         x = x if whole else x[sub]
-        with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        with model.hooks(fwd_hooks=fwd_hooks):
             for j in range(layer, model.cfg.n_layers):
                 a, kw = self.block_inputs[j]
                 if not whole:
@@ -123,81 +206,74 @@ class PreparedBatch:
                     x = block_output(model.blocks[j](x, *a[1:], **kw))
                 else:
                     x = block_output(model.blocks[j](**{**kw, "hidden_states": x}))
-            last = x[torch.arange(len(sub), device=x.device), self.corrupted.last[sub]]
-            normed = model.ln_final(last[:, None, :])[:, 0].float()
-        return (normed * self.direction[sub]).sum(-1) + self.bias[sub]
+        return self.final_ld(model, x, sub, 0)
 
-    # --- which prompts a cell touches, and the hook that patches them -------------------------
+    # --- which prompts a cell touches, and the patch that patches them -------------------------
 
-    def role_rows(self, cell: Cell, skip_noops: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows that have the cell's role, and among them those whose patch can change the run."""
+    def cell_rows(self, cell: Cell, fast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows that have the cell's role (all rows for head cells); among them those whose patch
+        can change the run (all of them for the reference engine), and the first position it
+        changes in each of those."""
+        if cell.axis != "role":
+            every = torch.arange(self.size)
+            if not fast:
+                return every, every, torch.zeros(self.size, dtype=torch.long)
+            active = torch.nonzero(self.first_change <= self.last).flatten()
+            return every, active, self.first_change[active]
         c = self.clean_pos[:, cell.index]
         k = self.corrupted_pos[:, cell.index]
         has = torch.nonzero(c >= 0).flatten()
-        if not skip_noops:
-            return has, has
-        active = [int(i) for i in has if not (int(c[i]) == int(k[i]) and torch.equal(
-            self.clean.tokens[i, : int(c[i]) + 1], self.corrupted.tokens[i, : int(k[i]) + 1]))]
-        return has, torch.tensor(active, dtype=torch.long)
+        if not fast:
+            return has, has, k[has]
+        noop = (c == k) & (k < self.shared)
+        active = has[~noop[has]]
+        return has, active, k[active]
 
-    def patch_hook(self, cell: Cell, sub: torch.Tensor, run_rows: torch.Tensor) -> Callable:
-        """A hook patching rows `sub` of the micro-batch, which sit at rows `run_rows` of the run."""
+    def patch_for(self, cell: Cell, sub: torch.Tensor, run_rows: torch.Tensor) -> Patch:
+        """The patch of rows `sub` of the micro-batch, which sit at rows `run_rows` of the run."""
         clean = self.clean_acts[cell.hook]
         dev = clean.device
         if cell.axis == "role":
-            k = self.corrupted_pos[sub, cell.index].to(dev)
-            c = self.clean_pos[sub, cell.index].to(dev)
-            r, cr = run_rows.to(dev), sub.to(dev)
-            return lambda act, hook: patch_role(act, clean, r, cr, k, c)
-        rs, crs, ks, cs, qk, qc = [], [], [], [], [], []
+            return Patch(cell.part, clean, run_rows.to(dev), sub.to(dev),
+                         self.corrupted_pos[sub, cell.index].to(dev), self.clean_pos[sub, cell.index].to(dev))
+        rs, crs, ks, cs, kks, cks = [], [], [], [], [], []
         for run_row, row in zip(run_rows.tolist(), sub.tolist()):
             k_pos, c_pos = self.all_pos[row]
             if cell.part == "pattern":
                 kq, kk = torch.meshgrid(k_pos, k_pos, indexing="ij")
                 cq, ck = torch.meshgrid(c_pos, c_pos, indexing="ij")
                 causal = (kq >= kk).flatten()  # future keys are masked in both runs
-                ks.append(kq.flatten()[causal]); qk.append(kk.flatten()[causal])
-                cs.append(cq.flatten()[causal]); qc.append(ck.flatten()[causal])
-                n = int(causal.sum())
+                ks.append(kq.flatten()[causal]); kks.append(kk.flatten()[causal])
+                cs.append(cq.flatten()[causal]); cks.append(ck.flatten()[causal])
             else:
                 ks.append(k_pos); cs.append(c_pos)
-                n = len(k_pos)
-            rs.append(torch.full((n,), run_row)); crs.append(torch.full((n,), row))
-        r, cr = torch.cat(rs).to(dev), torch.cat(crs).to(dev)
-        if cell.part == "pattern":
-            kpair = (torch.cat(ks).to(dev), torch.cat(qk).to(dev))
-            cpair = (torch.cat(cs).to(dev), torch.cat(qc).to(dev))
-            return lambda act, hook: patch_head_pattern(act, clean, r, cr, kpair, cpair, cell.index)
-        k, c = torch.cat(ks).to(dev), torch.cat(cs).to(dev)
-        return lambda act, hook: patch_head_vector(act, clean, r, cr, k, c, cell.index)
-
-    def cell_rows(self, cell: Cell, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows that have the cell's role (all rows for head cells), and those that need a run."""
-        if cell.axis != "role":
-            every = torch.arange(self.size)
-            return every, every
-        return self.role_rows(cell, skip_noops=fast and cell.part in NOOP_PARTS)
+            rs.append(torch.full((len(ks[-1]),), run_row)); crs.append(torch.full((len(ks[-1]),), row))
+        n = sum(len(r) for r in rs)
+        cat = lambda parts: torch.cat(parts).to(dev) if parts else None  # noqa: E731
+        return Patch(cell.part, clean, cat(rs), cat(crs), cat(ks), cat(cs),
+                     torch.full((n,), cell.index, device=dev), cat(kks), cat(cks))
 
     def run_reference(self, model, cell: Cell) -> torch.Tensor:
         """[micro-batch] logit differences with the cell patched (full forward); NaN for prompts
         without the role."""
         out = torch.full((self.size,), float("nan"))
-        has, _ = self.cell_rows(cell, fast=False)
+        has, _, _ = self.cell_rows(cell, fast=False)
         if len(has):
-            hook = self.patch_hook(cell, has, has)
-            out[has] = self.reference_ld(model, [(cell.hook, hook)])[has].cpu()
+            patch = self.patch_for(cell, has, has)
+            out[has] = self.reference_ld(model, [(cell.hook, lambda act, hook: patch.apply(act))])[has].cpu()
         return out
 
     def run_fast(self, model, cells: list[Cell], rows_per_run: int) -> list[torch.Tensor]:
         """The same values for cells that share one layer and part, several cells per forward."""
         assert len({(c.part, c.layer) for c in cells}) == 1
-        outs, plans = [], []
+        outs, plans, starts = [], [], []
         for cell in cells:
-            has, active = self.cell_rows(cell, fast=True)
+            has, active, first = self.cell_rows(cell, fast=True)
             out = torch.full((self.size,), float("nan"))
             out[has] = self.corrupted_ld[has].cpu()
             outs.append(out)
             plans.append(active)
+            starts.append(first)
         start = 0
         while start < len(cells):
             stop, rows = start, 0
@@ -207,20 +283,35 @@ class PreparedBatch:
             chunk = [k for k in range(start, stop) if len(plans[k])]
             if chunk:
                 offsets = torch.cumsum(torch.tensor([0] + [len(plans[k]) for k in chunk]), 0).tolist()
-                patches = [self.patch_hook(cells[k], plans[k], torch.arange(offsets[n], offsets[n + 1]))
-                           for n, k in enumerate(chunk)]
-
-                def patch_all(act, hook, patches=patches):
-                    for patch in patches:
-                        act = patch(act, hook)
-                    return act
-
+                patch = Patch.cat([self.patch_for(cells[k], plans[k], torch.arange(offsets[n], offsets[n + 1]))
+                                   for n, k in enumerate(chunk)])
                 run_rows = torch.cat([plans[k] for k in chunk])
-                ld = self.resume_ld(model, cells[0].layer, run_rows, [(cells[0].hook, patch_all)]).cpu()
+                first = int(torch.cat([starts[k] for k in chunk]).min())
+                ld = self.patched_ld(model, cells[chunk[0]], run_rows, first, patch)
                 for n, k in enumerate(chunk):
                     outs[k][plans[k]] = ld[offsets[n]: offsets[n + 1]]
             start = stop
         return outs
+
+
+def shared_prefix(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+    """[n] how many leading tokens each clean prompt shares with its corrupted one."""
+    width = min(clean.shape[1], corrupted.shape[1])
+    same = (clean[:, :width] == corrupted[:, :width]).long()
+    return same.cumprod(1).sum(1)
+
+
+def first_change(k_pos: torch.Tensor, c_pos: torch.Tensor, shared: int) -> int:
+    """The first corrupted position an all-positions patch changes: copying position p onto
+    itself changes nothing inside the shared token prefix. Large when it changes none."""
+    changes = k_pos[~((k_pos == c_pos) & (k_pos < shared))]
+    return int(changes.min()) if len(changes) else 1 << 30
+
+
+def agreement_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    """How far kv_forward may be from the bridge's own run and still be used in its place."""
+    scale = max(1.0, float(reference.abs().max()))
+    return scale * (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def run_cells(model, pairs: PairedPrompts, cells: list[Cell], batch_size: int, fast: bool = True,

@@ -104,16 +104,16 @@ def patch_role(act: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor, clean
     return act
 
 
-def patch_head_vector(act, clean, rows, clean_rows, k_pos, c_pos, head: int) -> torch.Tensor:
-    """act [b, pos, head, d_head]: one head at every matched position (flattened index lists)."""
+def patch_head_vector(act, clean, rows, clean_rows, k_pos, c_pos, head) -> torch.Tensor:
+    """act [b, pos, head, d_head]: a head (an int, or one per entry) at matched positions (flattened index lists)."""
     act = act.clone()
     act[rows, k_pos, head] = clean[clean_rows, c_pos, head].to(act.dtype)
     return act
 
 
-def patch_head_pattern(act, clean, rows, clean_rows, k_pos, c_pos, head: int) -> torch.Tensor:
-    """act [b, head, query, key]: one head's pattern at every matched (query, key) pair; index
-    lists are the flattened outer products per prompt."""
+def patch_head_pattern(act, clean, rows, clean_rows, k_pos, c_pos, head) -> torch.Tensor:
+    """act [b, head, query, key]: a head's pattern (an int, or one per entry) at matched (query,
+    key) pairs; index lists are the flattened outer products per prompt."""
     act = act.clone()
     kq, kk = k_pos
     cq, ck = c_pos

@@ -18,6 +18,7 @@ from pipeline import figures
 from pipeline.artifacts import write_atomic, write_figure, write_table, write_tensors
 from pipeline.attribution import attribute, full_attention
 from pipeline.errors import PipelineError
+from pipeline.forward import sum_tolerance
 from pipeline.prompts import role_sort_key
 from pipeline.stats import summarize, summary_table, units_of
 
@@ -44,9 +45,12 @@ def run(ctx) -> None:
                for side in ("clean", "corrupted")}
     for side, r in results.items():
         gap = float((r["layer"].sum(0) - r["model_logit_diff"]).abs().max())
-        if gap > CLOSURE_ATOL:
-            raise PipelineError(f"layer attribution does not sum to the model's logit difference on the {side} prompts (max gap {gap:.2e})")
-        log.info("%s: layer attribution closes to the model's logit difference within %.1e", side, gap)
+        tolerance = sum_tolerance(ctx.dtype, r["layer"], CLOSURE_ATOL)
+        if gap > tolerance:
+            raise PipelineError(f"layer attribution does not sum to the model's logit difference on the {side} prompts "
+                                f"(max gap {gap:.2e}, tolerance {tolerance:.1e} for {cfg.dtype})")
+        log.info("%s: layer attribution closes to the model's logit difference within %.1e (tolerance %.1e for %s)",
+                 side, gap, tolerance, cfg.dtype)
 
     labels = results["clean"]["labels"]
     tensors = {}

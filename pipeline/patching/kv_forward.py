@@ -1,0 +1,124 @@
+"""The model's blocks run from one position on: positions before `start` are taken from a recorded
+run (their keys and values), only positions `start..` are computed, and patches are applied at the
+points the sweeps patch (resid_pre, q/k/v, pattern, z, attn_out, mlp_out).
+
+In a causal model a patch at position p (or a run that differs from the corrupted one only from p
+on) leaves every earlier position as it was in the corrupted run, in every block; so a patched run
+needs the corrupted run's keys and values of those positions, nothing else of them.
+
+Written here because TransformerBridge's own key/value cache is not reachable from a block call in
+this transformers version (blocks pass `cache=`, the bridge's attention reads `past_key_values`),
+and a bridge block computes every input position. The norms, projections and MLPs are the bridge's
+own modules; only the attention core (rotary, mask, softmax, weighted sum) is written here, for the
+two block layouts it knows: GPT-2 (learned positions) and Llama (rotary, grouped-query attention),
+which covers the embedded SmolLM2, gpt2-small and the tiny test model. `Recording.of` checks this
+forward against the bridge's own run of the same prompts; where they differ (another layout), the
+engine falls back to resuming the bridge's blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
+
+# part -> where the forward below applies it (the bridge's hook of the same name)
+Patcher = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def supported(model) -> bool:
+    cfg = model.cfg
+    return (getattr(cfg, "architecture", None) in SUPPORTED and not getattr(cfg, "parallel_attn_mlp", False)
+            and not getattr(cfg, "use_split_qkv_input", False) and not getattr(cfg, "use_attn_in", False)
+            and not getattr(cfg, "use_attn_result", False) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+            and getattr(cfg, "attn_scores_soft_cap", -1.0) <= 0)
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, 1, T, T] causal and padding mask: 0 where query q may read key k, the dtype's minimum
+    elsewhere (the same mask TransformerBridge builds for a right-padded batch)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Recording:
+    """One micro-batch's corrupted run: each block's input residual [b, T, d], keys after rotary
+    and values [b, kv_heads, T, d_head], the additive mask [b, 1, T, T], rotary cos/sin [1|b, T, d_head]."""
+
+    resid: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    final: torch.Tensor  # [b, T, d] the last block's output
+
+    @classmethod
+    def of(cls, model, x0: torch.Tensor, attention_mask: torch.Tensor, rotary) -> "Recording":
+        """Run every block from the block-0 input `x0`, keeping what later runs reuse."""
+        rec = cls([], [], [], additive_mask(attention_mask, x0.dtype), rotary, x0)
+        rows = torch.arange(x0.shape[0], device=x0.device)
+        x = x0
+        for layer in range(model.cfg.n_layers):
+            rec.resid.append(x)
+            x = block(model, layer, x, rec, rows, 0, None, keep=True)
+        rec.final = x
+        return rec
+
+
+def run_from(model, rec: Recording, layer: int, rows: torch.Tensor, start: int, patch: Patcher | None) -> torch.Tensor:
+    """[len(rows), T - start, d] output of the last block when rows `rows` of the recording are
+    rerun from block `layer` and position `start` with `patch` applied in block `layer`."""
+    x = rec.resid[layer][rows, start:]
+    for j in range(layer, model.cfg.n_layers):
+        x = block(model, j, x, rec, rows, start, patch if j == layer else None)
+    return x
+
+
+def block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, start: int,
+          patch: Patcher | None, keep: bool = False) -> torch.Tensor:
+    """One pre-norm block (x + attn(ln1 x), then + mlp(ln2 x)) over positions start.. of `rows`."""
+    patch = patch or (lambda _part, act: act)
+    blk = model.blocks[j]
+    attn = blk.attn
+    cfg = model.cfg
+    n_heads, d_head = cfg.n_heads, cfg.d_head
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    R, S, _ = x.shape
+
+    x = patch("resid_pre", x)
+    h = blk.ln1(x)
+    q = patch("query", attn.q(h).reshape(R, S, n_heads, d_head)).transpose(1, 2)
+    k = patch("key", attn.k(h).reshape(R, S, n_kv, d_head)).transpose(1, 2)
+    v = patch("value", attn.v(h).reshape(R, S, n_kv, d_head)).transpose(1, 2)
+    if rec.rotary is not None:
+        cos, sin = (t[:, start:] if t.shape[0] == 1 else t[rows, start:] for t in rec.rotary)
+        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+    if keep:
+        rec.keys.append(k)
+        rec.values.append(v)
+    if start:
+        k = torch.cat([rec.keys[j][rows, :, :start], k], dim=2)
+        v = torch.cat([rec.values[j][rows, :, :start], v], dim=2)
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    scale = getattr(attn.original_component, "scaling", d_head ** -0.5)
+    scores = (q @ k.transpose(-1, -2)) * scale + rec.mask[rows, :, start:].to(q.dtype)
+    pattern = patch("pattern", torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+    z = patch("output", (pattern @ v).transpose(1, 2))
+    x = x + patch("attn_out", attn.o(z.reshape(R, S, n_heads * d_head)))
+    return x + patch("mlp_out", blk.mlp(blk.ln2(x)))
