@@ -101,7 +101,9 @@ def compare(a: Path, b: Path) -> list[tuple[str, float, int]]:
         ta, tb = read_tensors(a / "tensors" / name), read_tensors(b / "tensors" / name)
         for key in ta:
             x, y = ta[key].float(), tb[key].float()
-            keep = same[: x.shape[-1]]
+            if x.shape[0] == len(same) and x.shape[-1] != len(same):
+                x, y = x.movedim(0, -1), y.movedim(0, -1)  # prompts first -> prompts last
+            keep = same[: x.shape[-1]]  # patching tensors hold the first prompts only
             diff = (x[..., keep] - y[..., keep]).abs().nan_to_num()
             out.append((f"{name}:{key}", float(diff.max()) if diff.numel() else 0.0, int(keep.sum())))
     return out

@@ -89,6 +89,7 @@ def dequantized_copy(gguf: Path, cache_root: Path) -> Path:
     dequantized, under `cache_root`, keyed by the file's SHA-256: converting the GGUF file takes
     20-30 s on a CPU, loading the copy a second or two. Written once, atomically (temp folder,
     then rename), so parallel runs never read half a copy."""
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_root / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
@@ -98,7 +99,14 @@ def dequantized_copy(gguf: Path, cache_root: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    hf_model.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    # save_pretrained refuses a model loaded from GGUF ("quantized, not serializable"), though its
+    # weights are plain float32 now: write the config and the weights (tied ones once) directly.
+    config = hf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    save_model(hf_model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(target)
