@@ -5,6 +5,8 @@ of a GPU run and a CPU run on the same subset, compared (max absolute difference
     python bench/bench_gpu.py                                  # cuda, embedded SmolLM2-135M, full study
     python bench/bench_gpu.py --dtype bfloat16
     python bench/bench_gpu.py --device cpu --model tiny --max-prompts 12 --subset 6   # smoke test
+    python bench/bench_gpu.py --device cpu --dtype bfloat16 --compare-only --subset 16 --stages data,cache,attribution
+                                                   # how far bfloat16 is from float32 (on the CPU)
 
 Runs go under --out (default: a temporary directory). Target (issue 12): the full study in under
 2 minutes on one H100/H200-class GPU.
@@ -116,23 +118,26 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model option")
     parser.add_argument("--max-prompts", type=int, default=None, help="limit the full study (default: every prompt)")
     parser.add_argument("--subset", type=int, default=32, help="prompts of the CPU comparison run")
+    parser.add_argument("--stages", default=None, help="comma-separated stages (default: every stage)")
+    parser.add_argument("--compare-only", action="store_true", help="skip the full study, only compare with the CPU")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="dialect-circuits-gpu-"))
     limit = "null" if args.max_prompts is None else str(args.max_prompts)
-    common = [f"model={args.model}", f"dtype={args.dtype}", SWEEPS, f"stage.stages=[{','.join(stages())}]"]
+    common = [f"model={args.model}", f"dtype={args.dtype}", SWEEPS, f"stage.stages=[{args.stages or ','.join(stages())}]"]
     full = [*common, f"dataset.max_prompts={limit}", "patching.max_prompts=null"]
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name(0)}")
 
-    started = time.perf_counter()
-    rows, _ = run_study(out / "full", args.device, full)
-    total = time.perf_counter() - started
-    print(f"\nfull study on {args.device} ({args.dtype}, {limit} prompts, both directions): {total:.1f} s wall")
-    print(f"{'direction':<11}{'stage':<13}{'seconds':>9}{'peak MiB':>10}")
-    for direction, stage, seconds, peak in rows:
-        print(f"{direction:<11}{stage:<13}{seconds:>9.1f}{peak:>10.0f}")
+    if not args.compare_only:
+        started = time.perf_counter()
+        rows, _ = run_study(out / "full", args.device, full)
+        total = time.perf_counter() - started
+        print(f"\nfull study on {args.device} ({args.dtype}, {limit} prompts, both directions): {total:.1f} s wall")
+        print(f"{'direction':<11}{'stage':<13}{'seconds':>9}{'peak MiB':>10}")
+        for direction, stage, seconds, peak in rows:
+            print(f"{direction:<11}{stage:<13}{seconds:>9.1f}{peak:>10.0f}")
 
     subset = [*common, f"dataset.max_prompts={args.subset}", "patching.max_prompts=null"]
     _, on_device = run_study(out / "subset-device", args.device, subset)

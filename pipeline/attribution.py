@@ -63,7 +63,7 @@ def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int,
             out["head"].append(torch.stack(heads))
             out["model_logit_diff"].append(logit_diff(gather_last(logits, mb.last).float(), answers[rows]))
             patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][ar, :, mb.last] for l in range(n_layers)], 1)
-            last_attention += [patterns[i, :, :, : int(mb.last[i]) + 1].cpu() for i in range(len(mb))]
+            last_attention += [patterns[i, :, :, : int(mb.last[i]) + 1].float().cpu() for i in range(len(mb))]
     result = {k: torch.cat(v, dim=-1).float().cpu() for k, v in out.items()}
     assert result["head"].shape[:2] == (n_layers, n_heads)
     result["labels"] = labels
@@ -77,4 +77,4 @@ def full_attention(model, batch: PromptBatch, index: int, heads: list[tuple[int,
     names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
     with torch.no_grad():
         _, cache = model.run_with_cache(one.tokens, attention_mask=one.attention_mask, names_filter=lambda n: n in names)
-    return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads]).cpu()
+    return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads]).float().cpu()

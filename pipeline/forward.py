@@ -84,8 +84,8 @@ def sum_tolerance(dtype: torch.dtype, terms: torch.Tensor, float32_atol: float =
     from the model's own number. In float32, `float32_atol`. A model run in half precision rounds
     its residual stream to the dtype's resolution at every addition, and the components were
     computed in that dtype, so the bound grows with the resolution (eps) times the size of what
-    was summed: eps * max over prompts of sum |terms| (the factor 4 leaves room for the roundings
-    that components do not see: norm scale, unembedding)."""
+    was summed: eps * max over prompts of sum |terms|. (SmolLM2-135M in bfloat16, 16 prompts:
+    gaps up to 0.08 against a bound of about 0.17.)"""
     if dtype in (torch.float32, torch.float64):
         return float32_atol
-    return float32_atol + 4 * torch.finfo(dtype).eps * float(terms.abs().sum(0).max())
+    return float32_atol + torch.finfo(dtype).eps * float(terms.abs().sum(0).max())

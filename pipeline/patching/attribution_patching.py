@@ -73,6 +73,7 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
 
 def estimate_cell_changes(part, clean, corrupted, grad, clean_pos, corrupted_pos, all_pos) -> torch.Tensor:
     """First-order change of the logit difference for every cell of one layer: [roles-or-heads, b]."""
+    clean, corrupted, grad = clean.float(), corrupted.float(), grad.float()  # accumulate in float32 whatever the model's dtype
     b = corrupted.shape[0]
     if PARTS[part][1] == "role":
         out = torch.full((clean_pos.shape[1], b), float("nan"), device=grad.device)
