@@ -168,9 +168,11 @@ class PreparedBatch:
         else:
             log.warning("kv_forward differs from the bridge on this model (max gap %.2e): resuming the bridge's blocks instead", gap)
 
-    def final_ld(self, model, x: torch.Tensor, sub: torch.Tensor, start: int) -> torch.Tensor:
-        """Logit differences of rows `sub` from the last block's output x, whose positions begin at `start`."""
-        last = x[torch.arange(len(sub), device=x.device), (self.last[sub] - start).to(x.device)]
+    def final_ld(self, model, x: torch.Tensor, sub: torch.Tensor, start: int, at_last: bool = True) -> torch.Tensor:
+        """Logit differences of rows `sub` from the last block's output x, whose positions begin
+        at `start` (at_last=False: x holds only each row's last position)."""
+        at = (self.last[sub] - start) if at_last else torch.zeros(len(sub), dtype=torch.long)
+        last = x[torch.arange(len(sub), device=x.device), at.to(x.device)]
         normed = model.ln_final(last[:, None, :])[:, 0].float()
         dev_sub = sub.to(x.device)
         return ((normed * self.direction[dev_sub]).sum(-1) + self.bias[dev_sub]).cpu()
@@ -187,8 +189,9 @@ class PreparedBatch:
             if self.recording is not None:
                 dev_sub = sub.to(model_device(model))
                 x = kv_forward.run_from(model, self.recording, cell.layer, dev_sub, start,
-                                        lambda part, act: patch.apply(act, start) if part == cell.part else act)
-                return self.final_ld(model, x, sub, start)
+                                        lambda part, act: patch.apply(act, start) if part == cell.part else act,
+                                        self.last[sub].to(dev_sub.device))
+                return self.final_ld(model, x[:, None], sub, 0, at_last=False)
             return self.resume_ld(model, cell.layer, sub, [(cell.hook, lambda act, hook: patch.apply(act))])
 
     def resume_ld(self, model, layer: int, sub: torch.Tensor, fwd_hooks) -> torch.Tensor:

@@ -77,13 +77,20 @@ class Recording:
         return rec
 
 
-def run_from(model, rec: Recording, layer: int, rows: torch.Tensor, start: int, patch: Patcher | None) -> torch.Tensor:
-    """[len(rows), T - start, d] output of the last block when rows `rows` of the recording are
-    rerun from block `layer` and position `start` with `patch` applied in block `layer`."""
+def run_from(model, rec: Recording, layer: int, rows: torch.Tensor, start: int, patch: Patcher | None,
+             last: torch.Tensor) -> torch.Tensor:
+    """[len(rows), d] output of the last block at each row's last position `last` when rows `rows`
+    of the recording are rerun from block `layer` and position `start` with `patch` applied in
+    block `layer`. The last block (when it holds no patch) computes keys and values of every
+    position but queries, output projection and MLP only at the last token."""
+    n_layers = model.cfg.n_layers
     x = rec.resid[layer][rows, start:]
-    for j in range(layer, model.cfg.n_layers):
+    at = torch.arange(len(rows), device=x.device)
+    for j in range(layer, n_layers):
+        if j == n_layers - 1 and j != layer:
+            return last_token_block(model, j, x, rec, rows, start, last - start)
         x = block(model, j, x, rec, rows, start, patch if j == layer else None)
-    return x
+    return x[at, last - start]
 
 
 def block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, start: int,
@@ -122,3 +129,39 @@ def block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, st
     z = patch("output", (pattern @ v).transpose(1, 2))
     x = x + patch("attn_out", attn.o(z.reshape(R, S, n_heads * d_head)))
     return x + patch("mlp_out", blk.mlp(blk.ln2(x)))
+
+
+def last_token_block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, start: int,
+                     query: torch.Tensor) -> torch.Tensor:
+    """`block` without patches, its output only at position `query` [R] (relative to `start`) of
+    each row: [R, d]."""
+    blk = model.blocks[j]
+    attn = blk.attn
+    cfg = model.cfg
+    n_heads, d_head = cfg.n_heads, cfg.d_head
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    R, S, _ = x.shape
+    at = torch.arange(R, device=x.device)
+    h = blk.ln1(x)
+    x_q, h_q = x[at, query][:, None], h[at, query][:, None]  # [R, 1, d]
+    q = attn.q(h_q).reshape(R, 1, n_heads, d_head).transpose(1, 2)
+    k = attn.k(h).reshape(R, S, n_kv, d_head).transpose(1, 2)
+    v = attn.v(h).reshape(R, S, n_kv, d_head).transpose(1, 2)
+    if rec.rotary is not None:
+        cos, sin = (t[:, start:] if t.shape[0] == 1 else t[rows, start:] for t in rec.rotary)
+        cos, sin = cos.expand(R, -1, -1).to(q.dtype), sin.expand(R, -1, -1).to(q.dtype)
+        q = q * cos[at, query][:, None, None] + rotate_half(q) * sin[at, query][:, None, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    if start:
+        k = torch.cat([rec.keys[j][rows, :, :start], k], dim=2)
+        v = torch.cat([rec.values[j][rows, :, :start], v], dim=2)
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    scale = getattr(attn.original_component, "scaling", d_head ** -0.5)
+    mask = rec.mask[rows, :, start + query][:, :, None].to(q.dtype)  # [R, 1, 1, T]
+    scores = (q @ k.transpose(-1, -2)) * scale + mask
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    z = (pattern @ v).transpose(1, 2)  # [R, 1, heads, d_head]
+    x_q = x_q + attn.o(z.reshape(R, 1, n_heads * d_head))
+    return (x_q + blk.mlp(blk.ln2(x_q)))[:, 0]
