@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIALECT_CIRCUITS_CACHE", tempfile.mkdtemp(prefix="dialect-circuits-test-cache-"))
+# The embedded model's dequantized weights (520 MB, keyed by the GGUF file's hash) are shared with
+# the user's own runs rather than written again into every session's temporary cache.
+os.environ.setdefault("DIALECT_CIRCUITS_WEIGHTS_CACHE", str(Path.home() / ".cache" / "dialect-circuits"))
 
 import torch  # noqa: E402
 
