@@ -3,6 +3,8 @@ the same prompts (equal-length, unpadded, so TransformerLens's functions apply),
 
     python bench/bench_patching.py                   # embedded SmolLM2-135M, 8 prompts, all four sweeps
     python bench/bench_patching.py --prompts 4 --sweeps resid_pre head_out
+    python bench/bench_patching.py --against resume   # against the engine's own fallback (resume the
+                                                      # bridge's blocks at every position), not TransformerLens
 
 Prints per sweep: both wall times, the ratio, the largest absolute difference of the per-prompt
 logit differences, and each engine's peak resident memory (VmHWM, reset before each run).
@@ -25,6 +27,7 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 
 from pipeline.metrics import logit_diff  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
+from pipeline.patching import kv_forward  # noqa: E402
 from pipeline.patching.engine import run_cells  # noqa: E402
 from pipeline.patching.sweeps import SWEEPS, axis_size, cells_of  # noqa: E402
 
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model option (tiny for a smoke run)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument("--against", default="transformer_lens", choices=["transformer_lens", "resume"])
     args = parser.parse_args()
 
     from conftest import make_cfg
@@ -65,29 +69,44 @@ def main() -> None:
     _, clean_cache = model.run_with_cache(pairs.clean.tokens)
     metric = lambda logits: logit_diff(logits[:, -1].float(), pairs.answers)  # noqa: E731
     total_tl = total_ours = 0.0
-    print(f"{'sweep':<11}{'TL s':>9}{'ours s':>9}{'ratio':>8}{'max |diff|':>12}{'TL peak MB':>12}{'ours peak MB':>14}")
-    for sweep in args.sweeps:
-        reset_peak()
-        t0 = time.perf_counter()
-        reference = TL[sweep](model, pairs.corrupted.tokens, clean_cache, metric)
-        t_tl, peak_tl = time.perf_counter() - t0, peak_mb()
-        reset_peak()
-        t0 = time.perf_counter()
+    ref = "TL" if args.against == "transformer_lens" else "prev"
+    print(f"{'sweep':<11}{ref + ' s':>9}{'ours s':>9}{'ratio':>8}{'max |diff|':>12}{ref + ' peak MB':>14}{'ours peak MB':>14}")
+    def ours(sweep):
         mine = {}
         for part in SWEEPS[sweep]:
             values, _ = run_cells(model, pairs, cells_of(model, pairs, part), len(pairs), fast=True)
             axis = "role" if part in ("resid_pre", "attn_out", "mlp_out") else ("kv_head" if part in ("key", "value") else "head")
             mine[part] = values.reshape(model.cfg.n_layers, axis_size(model, pairs, axis), -1)
+        return mine
+
+    if args.against == "resume":
+        print("reference: this engine resuming the bridge's blocks at every position (kv_forward off)")
+    for sweep in args.sweeps:
+        reset_peak()
+        t0 = time.perf_counter()
+        if args.against == "resume":
+            supported, kv_forward.supported = kv_forward.supported, lambda model: False
+            try:
+                previous = ours(sweep)
+            finally:
+                kv_forward.supported = supported
+            reference = [previous[part] for part in SWEEPS[sweep]]
+        else:
+            reference = TL[sweep](model, pairs.corrupted.tokens, clean_cache, metric)
+        t_tl, peak_tl = time.perf_counter() - t0, peak_mb()
+        reset_peak()
+        t0 = time.perf_counter()
+        mine = ours(sweep)
         t_ours, peak_ours = time.perf_counter() - t0, peak_mb()
         diff = 0.0
         for part, tl in zip(SWEEPS[sweep], reference):
             tl = (tl if isinstance(tl, torch.Tensor) else tl.values).float()
-            if part in ("resid_pre", "attn_out", "mlp_out"):
+            if part in ("resid_pre", "attn_out", "mlp_out") and args.against == "transformer_lens":
                 tl = tl[:, pairs.clean_pos[0]]
             tl = tl[:, : mine[part].shape[1]]  # TransformerLens pads key/value heads up to n_heads
-            diff = max(diff, float((mine[part] - tl).abs().max()))
+            diff = max(diff, float((mine[part] - tl).abs().nan_to_num().max()))
         total_tl, total_ours = total_tl + t_tl, total_ours + t_ours
-        print(f"{sweep:<11}{t_tl:>9.1f}{t_ours:>9.1f}{t_tl / t_ours:>7.1f}x{diff:>12.2e}{peak_tl:>12.0f}{peak_ours:>14.0f}")
+        print(f"{sweep:<11}{t_tl:>9.1f}{t_ours:>9.1f}{t_tl / t_ours:>7.1f}x{diff:>12.2e}{peak_tl:>14.0f}{peak_ours:>14.0f}")
     print(f"{'all':<11}{total_tl:>9.1f}{total_ours:>9.1f}{total_tl / total_ours:>7.1f}x")
 
 
