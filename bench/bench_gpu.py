@@ -30,8 +30,6 @@ from pipeline.config import compose  # noqa: E402
 
 SWEEPS = "patching.sweeps=[resid_pre,block,head_out,head_parts]"
 DIRECTIONS = ("aae_clean", "sae_clean")
-# Per-prompt tensors compared between devices: file -> keys (None: every key)
-COMPARED = {"baseline.safetensors": None, "attribution.safetensors": None}
 
 
 def stages() -> list[str]:
@@ -95,19 +93,21 @@ def compare(a: Path, b: Path) -> list[tuple[str, float, int]]:
     da, db = pd.read_csv(a / "dataset.csv", dtype=str), pd.read_csv(b / "dataset.csv", dtype=str)
     same = torch.tensor((da.fillna("") == db.fillna("")).all(axis=1).to_numpy())
     out = []
-    files = dict(COMPARED)
-    files.update({p.name: None for p in (a / "tensors").glob("patch_*.safetensors")})
-    for name in files:
-        if not (a / "tensors" / name).exists() or not (b / "tensors" / name).exists():
+    for path in sorted((a / "tensors").glob("*.safetensors")):  # every stage's tensors, circuit included
+        if not (b / "tensors" / path.name).exists():
             continue
-        ta, tb = read_tensors(a / "tensors" / name), read_tensors(b / "tensors" / name)
+        ta, tb = read_tensors(path), read_tensors(b / "tensors" / path.name)
         for key in ta:
-            x, y = ta[key].float(), tb[key].float()
-            if x.shape[0] == len(same) and x.shape[-1] != len(same):
+            x, y = ta[key].float(), tb.get(key, torch.empty(0)).float()
+            if x.shape != y.shape:
+                out.append((f"{path.name}:{key}", float("nan"), 0))  # e.g. a circuit of another size
+                continue
+            if x.ndim and x.shape[0] == len(same) and x.shape[-1] != len(same):
                 x, y = x.movedim(0, -1), y.movedim(0, -1)  # prompts first -> prompts last
-            keep = same[: x.shape[-1]]  # patching tensors hold the first prompts only
-            diff = (x[..., keep] - y[..., keep]).abs().nan_to_num()
-            out.append((f"{name}:{key}", float(diff.max()) if diff.numel() else 0.0, int(keep.sum())))
+            per_prompt = x.ndim and (x.shape[-1] == len(same) or path.name.startswith("patch_"))
+            keep = same[: x.shape[-1]] if per_prompt else torch.ones(x.shape[-1] if x.ndim else 1, dtype=torch.bool)
+            diff = (x[..., keep] - y[..., keep]).abs().nan_to_num() if x.ndim else (x - y).abs()
+            out.append((f"{path.name}:{key}", float(diff.max()) if diff.numel() else 0.0, int(keep.sum()) if per_prompt else len(same)))
     return out
 
 
