@@ -20,6 +20,11 @@ def test_wheel_carries_the_configs_and_the_installed_command_finds_them(tmp_path
     repo_yaml = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     assert {f"pipeline/conf/{n}" for n in repo_yaml} <= names
     assert "pipeline/data/pairs.csv" in names
+    # Every module and data file of the source package ships (a subpackage missing from
+    # pyproject's explicit package list would otherwise only fail on a user's machine).
+    shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "pipeline").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped <= names, sorted(shipped - names)
     assert {f"pipeline/data/tasks/{t}/{k}.txt" for t in ("traits", "conviction", "death_penalty", "occupations")
             for k in ("templates", "attributes")} <= names
     templates = {p.relative_to(REPO).as_posix() for p in (REPO / "pipeline" / "templates").rglob("*") if p.is_file()}
