@@ -117,18 +117,26 @@ def block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, st
     if keep:
         rec.keys.append(k)
         rec.values.append(v)
-    if start:
-        k = torch.cat([rec.keys[j][rows, :, :start], k], dim=2)
-        v = torch.cat([rec.values[j][rows, :, :start], v], dim=2)
-    if n_kv != n_heads:
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)
-        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    k, v = with_recorded_prefix(rec, j, rows, start, k, v, n_heads // n_kv)
     scale = getattr(attn.original_component, "scaling", d_head ** -0.5)
     scores = (q @ k.transpose(-1, -2)) * scale + rec.mask[rows, :, start:].to(q.dtype)
     pattern = patch("pattern", torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
     z = patch("output", (pattern @ v).transpose(1, 2))
     x = x + patch("attn_out", attn.o(z.reshape(R, S, n_heads * d_head)))
     return x + patch("mlp_out", blk.mlp(blk.ln2(x)))
+
+
+def with_recorded_prefix(rec: Recording, j: int, rows: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor,
+                         group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of block j over every position: the recorded corrupted ones before `start`,
+    then the recomputed ones; each key/value head repeated for its `group` query heads (GQA)."""
+    if start:
+        k = torch.cat([rec.keys[j][rows, :, :start], k], dim=2)
+        v = torch.cat([rec.values[j][rows, :, :start], v], dim=2)
+    if group != 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return k, v
 
 
 def last_token_block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, start: int,
@@ -152,12 +160,7 @@ def last_token_block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch
         cos, sin = cos.expand(R, -1, -1).to(q.dtype), sin.expand(R, -1, -1).to(q.dtype)
         q = q * cos[at, query][:, None, None] + rotate_half(q) * sin[at, query][:, None, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    if start:
-        k = torch.cat([rec.keys[j][rows, :, :start], k], dim=2)
-        v = torch.cat([rec.values[j][rows, :, :start], v], dim=2)
-    if n_kv != n_heads:
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)
-        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    k, v = with_recorded_prefix(rec, j, rows, start, k, v, n_heads // n_kv)
     scale = getattr(attn.original_component, "scaling", d_head ** -0.5)
     mask = rec.mask[rows, :, start + query][:, :, None].to(q.dtype)  # [R, 1, 1, T]
     scores = (q @ k.transpose(-1, -2)) * scale + mask
