@@ -93,15 +93,18 @@ def run_from(model, rec: Recording, layer: int, rows: torch.Tensor, start: int, 
     return x[at, last - start]
 
 
+def head_shape(cfg) -> tuple[int, int, int]:
+    """Query heads, key/value heads (fewer under grouped-query attention) and head size."""
+    return cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_head
+
+
 def block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch.Tensor, start: int,
           patch: Patcher | None, keep: bool = False) -> torch.Tensor:
     """One pre-norm block (x + attn(ln1 x), then + mlp(ln2 x)) over positions start.. of `rows`."""
     patch = patch or (lambda _part, act: act)
     blk = model.blocks[j]
     attn = blk.attn
-    cfg = model.cfg
-    n_heads, d_head = cfg.n_heads, cfg.d_head
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    n_heads, n_kv, d_head = head_shape(model.cfg)
     R, S, _ = x.shape
 
     x = patch("resid_pre", x)
@@ -145,9 +148,7 @@ def last_token_block(model, j: int, x: torch.Tensor, rec: Recording, rows: torch
     each row: [R, d]."""
     blk = model.blocks[j]
     attn = blk.attn
-    cfg = model.cfg
-    n_heads, d_head = cfg.n_heads, cfg.d_head
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    n_heads, n_kv, d_head = head_shape(model.cfg)
     R, S, _ = x.shape
     at = torch.arange(R, device=x.device)
     h = blk.ln1(x)
