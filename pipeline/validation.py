@@ -386,8 +386,10 @@ def check_header(where: str, header: list[str] | None, line: int) -> None:
             refuse(where, f"column {i + 1} is missing (the header has {len(header)} column{'s' * (len(header) != 1)})",
                    f"{want!r} as column {i + 1}: the header starts {','.join(REQUIRED)}", line=line)
         if header[i] != want:
+            # A tab-separated AAE/SAE pair file given as a dataset CSV: point to dataset.pairs.
+            hint = " (this looks like a tab-separated pair file: give it as dataset.pairs=<file>)" if "\t" in header[i] else ""
             refuse(where, f"column {i + 1} is named {header[i]!r}",
-                   f"{want!r} as column {i + 1}: the header starts {','.join(REQUIRED)}", line=line)
+                   f"{want!r} as column {i + 1}: the header starts {','.join(REQUIRED)}{hint}", line=line)
     seen = {}
     for i, name in enumerate(header):
         if not name:
