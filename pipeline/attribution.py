@@ -4,6 +4,18 @@ prompt's real last token with the final norm's scale of that prompt applied.
 TransformerLens's `ActivationCache.accumulated_resid` / `decompose_resid` give the residual
 stacks; its `apply_ln_to_stack(pos_slice=...)` takes one position for the whole batch, which is
 wrong for right-padded prompts of different lengths, so the scale is gathered per prompt here.
+
+Two ways to get the same numbers:
+- `attribute`: a pass of its own over the prompts with a (filtered) ActivationCache, for known
+  answers; the attribution stage uses it for a dataset given as a CSV, and it is the reference
+  the other is tested against;
+- `LastTokenRecord`: hooks riding on a pass run for another purpose (the data stage's probing of
+  both guises, pipeline/data/scoring.py), which keep only what attribution reads at each
+  prompt's real last token, projected through the final norm onto the unembedding column of
+  every attribute that may become an answer. The answers are chosen only after every prompt has
+  been probed, and a logit difference is linear in those columns, so any answer pair's
+  attributions follow afterwards without another pass over the prompts (`record_attributions`).
+  TransformerLens's cache has no "keep one position per prompt" filter, hence the hooks.
 """
 
 from __future__ import annotations
@@ -69,6 +81,101 @@ def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int,
     result["labels"] = labels
     result["last_attention"] = last_attention
     return result
+
+
+class LastTokenRecord:
+    """Hooks for one forward pass that keep, at each prompt's real last token: the residual stream
+    before and after each half-layer (logit lens), every component's write to it (layer
+    attribution: embeddings, attention and MLP outputs; head attribution: each head's z times
+    its W_O), each projected through that prompt's final-norm scale onto the unembedding columns
+    of `token_ids`; and the last token's attention over the positions. Use `hooks(last)` for a
+    forward, then `collect()`; `result()` concatenates the micro-batches."""
+
+    def __init__(self, model, token_ids: list[int]):
+        self.model = model
+        n_layers = model.cfg.n_layers
+        self.columns = model.W_U[:, token_ids].detach().float()  # [d_model, A]
+        b_U = getattr(model, "b_U", None)
+        self.bias = (b_U[token_ids].detach().float().cpu() if b_U is not None else torch.zeros(len(token_ids)))
+        self.lens_hooks = {f"{l}_pre": f"blocks.{l}.hook_resid_pre" for l in range(n_layers)}
+        for l in range(n_layers):
+            self.lens_hooks[f"{l}_mid"] = f"blocks.{l}.hook_resid_mid"
+        self.lens_hooks["final_post"] = f"blocks.{n_layers - 1}.hook_resid_post"
+        order = [f"{l}_{half}" for l in range(n_layers) for half in ("pre", "mid")] + ["final_post"]
+        self.lens_hooks = {k: self.lens_hooks[k] for k in order}  # TransformerLens's accumulated_resid order
+        self.layer_hooks = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
+        for l in range(n_layers):
+            self.layer_hooks[f"{l}_attn_out"] = f"blocks.{l}.hook_attn_out"
+            self.layer_hooks[f"{l}_mlp_out"] = f"blocks.{l}.hook_mlp_out"
+        self.batches: list[dict] = []
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def hooks(self, last: torch.Tensor) -> list:
+        """Forward hooks that keep one micro-batch's last-token values (`last`: [b] positions)."""
+        self.seen, self.last = {}, last.cpu()
+        n_layers = self.model.cfg.n_layers
+
+        def keep(name, what):
+            def hook(x, hook):
+                rows = torch.arange(x.shape[0], device=x.device)
+                self.seen[name] = (x[rows, :, last.to(x.device)] if what == "pattern" else x[rows, last.to(x.device)]).detach()
+                return x
+            return hook
+
+        names = {**self.lens_hooks, **self.layer_hooks}
+        out = [(h, keep(h, "vector")) for h in dict.fromkeys(names.values()) if h in self.model.hook_dict]
+        out += [(f"blocks.{l}.attn.hook_z", keep(f"z{l}", "vector")) for l in range(n_layers)]
+        out += [(f"blocks.{l}.attn.hook_pattern", keep(f"pattern{l}", "pattern")) for l in range(n_layers)]
+        out.append(("ln_final.hook_scale", keep("scale", "vector")))
+        return out
+
+    def collect(self) -> None:
+        """Project the micro-batch just run: [b, components, A] per kind, and its attention."""
+        seen, model = self.seen, self.model
+        scale = seen["scale"].float()  # [b, 1]
+        columns = self.columns.to(scale.device)
+
+        def project(vectors):  # list of [b, d] -> [b, len, A]
+            stack = torch.stack([v.float() for v in vectors])
+            return torch.einsum("cbd,da->bca", apply_final_ln_scale(model, stack, scale), columns).cpu()
+
+        layer_labels = [k for k, h in self.layer_hooks.items() if h in seen]  # embeddings a model has
+        heads = [torch.einsum("bhk,hkd->hbd", seen[f"z{l}"].float(), model.W_O[l].float())
+                 for l in range(model.cfg.n_layers)]  # each head's write, no bias
+        self.batches.append({
+            "logit_lens": project([seen[h] for h in self.lens_hooks.values()]),
+            "layer": project([seen[self.layer_hooks[k]] for k in layer_labels]),
+            "head": torch.stack([torch.einsum("hbd,da->bha", apply_final_ln_scale(model, h, scale), columns)
+                                 for h in heads], 1).cpu(),  # [b, layers, heads, A]
+            "attention": [torch.stack([seen[f"pattern{l}"][i, :, : int(self.last[i]) + 1] for l in range(model.cfg.n_layers)])
+                          .float().cpu() for i in range(scale.shape[0])],  # per prompt [layers, heads, its positions]
+        })
+        self.layer_labels = layer_labels
+        self.seen = {}
+
+    def result(self) -> dict:
+        """{"logit_lens": [n, C, A], "layer": [n, C, A], "head": [n, layers, heads, A],
+        "attention": list of [layers, heads, positions], "labels", "bias": [A]}."""
+        out = {k: torch.cat([b[k] for b in self.batches]) for k in ("logit_lens", "layer", "head")}
+        out["attention"] = [a for b in self.batches for a in b["attention"]]
+        out["labels"] = {"logit_lens": list(self.lens_hooks), "layer": self.layer_labels + ["unembed_bias"]}
+        out["bias"] = self.bias
+        return out
+
+
+def record_attributions(record: dict, correct: torch.Tensor, incorrect: torch.Tensor) -> dict:
+    """`attribute`'s outputs (without `model_logit_diff`) for answers given as record columns:
+    correct [n], incorrect [n] indices into the recorded attributes."""
+    rows = torch.arange(len(correct))
+
+    def diff(t):  # [n, ..., A] -> [..., n]
+        d = t[rows, ..., correct] - t[rows, ..., incorrect]
+        return d.movedim(0, -1)
+
+    bias = (record["bias"][correct] - record["bias"][incorrect])[None]
+    return {"logit_lens": diff(record["logit_lens"]) + bias, "layer": torch.cat([diff(record["layer"]), bias]),
+            "head": diff(record["head"]), "labels": record["labels"],
+            "last_attention": [record["attention"][i] for i in range(len(correct))]}
 
 
 def full_attention(model, batch: PromptBatch, index: int, heads: list[tuple[int, int]]) -> torch.Tensor:

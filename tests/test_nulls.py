@@ -110,7 +110,7 @@ def neutral_probes(tiny_model):
     out = {}
     for side in ("random", "aae"):
         rows = neutral_rows(side)
-        _, logp, names, _ = probe(tiny_model, rows, load_attributes(), 48, True, "per_prompt", multi_token=False)
+        _, logp, names, _, _ = probe(tiny_model, rows, load_attributes(), 48, True, "per_prompt", multi_token=False)
         out[side] = (rows, (logp["aae"] - logp["sae"]).double().numpy(), names)
     return out
 

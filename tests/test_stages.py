@@ -7,6 +7,7 @@ import pandas as pd
 import torch
 
 from pipeline.artifacts import read_tensors
+from pipeline.attribution import attribute
 from pipeline.data.dataset import pair_prompts
 from pipeline.forward import map_last_logits
 from pipeline.metrics import logit_diff
@@ -56,3 +57,31 @@ def test_baseline_from_probing_equals_forward_passes(tmp_path, tiny_model):
         for side in ("clean", "corrupted"):
             forward = map_last_logits(tiny_model, getattr(pairs, side), 4, lambda lg, r: logit_diff(lg, pairs.answers[r]))
             torch.testing.assert_close(base[f"{side}_logit_diff"], forward, atol=1e-4, rtol=0)
+
+
+def test_attribution_from_probing_equals_its_own_pass(tmp_path, tiny_model, monkeypatch):
+    """The attribution stage reads what the data stage kept from its probing pass (multi-token
+    attributes packed behind each prompt, micro-batches of 4); it equals a pass of its own
+    (pipeline/attribution.py: attribute) on the run's prompt pairs, for both directions."""
+    import pipeline.stages.attribution as stage
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the attribution stage ran a pass of its own")
+
+    monkeypatch.setattr(stage, "attribute", no_pass)
+    for direction in ("aae_clean", "sae_clean"):
+        cfg = make_cfg(["model=tiny", "dataset.max_prompts=9", f"direction={direction}", "batch_size=4",
+                        "stage.stages=[data,cache,attribution]", "attribution.bootstrap=50", "nulls.permutations=50"])
+        run(cfg, tmp_path / direction)
+        got = read_tensors(tmp_path / direction / "tensors" / "attribution.safetensors")
+        df = pd.read_csv(tmp_path / direction / "dataset.csv", dtype=str, keep_default_na=False)
+        pairs = pair_prompts(tiny_model, df, cfg.direction, True)
+        for side in ("clean", "corrupted"):
+            ref = attribute(tiny_model, getattr(pairs, side), pairs.answers, 3)
+            for key in ("logit_lens", "layer", "head", "model_logit_diff"):
+                torch.testing.assert_close(got[f"{side}/{key}"], ref[key], atol=1e-4, rtol=0)
+            kept = read_tensors(tmp_path / direction / "tensors" / "guise_attribution.safetensors")
+            guise = cfg.direction[side]
+            for i, att in enumerate(ref["last_attention"]):  # kept in float16 for the attention figures
+                torch.testing.assert_close(kept[f"{guise}/attention"][i, :, :, : att.shape[-1]].float(), att, atol=1e-3, rtol=0)
+                assert not kept[f"{guise}/attention"][i, :, :, att.shape[-1]:].any()

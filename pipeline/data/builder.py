@@ -15,7 +15,9 @@ import logging
 
 import numpy as np
 import pandas as pd
+import torch
 
+from pipeline.attribution import LastTokenRecord, record_attributions
 from pipeline.data.answers import choose_answers
 from pipeline.data.inputs import fill
 from pipeline.data.resources import load_pairs, load_templates
@@ -61,14 +63,17 @@ def build_rows(pairs: pd.DataFrame | None = None, templates: list[str] | None = 
 
 
 def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, prepend_bos: bool,
-          answers: str = "cross_fit", answer_pair: list[str] | None = None, multi_token: bool = True):
+          answers: str = "cross_fit", answer_pair: list[str] | None = None, multi_token: bool = True,
+          record: bool = False):
     """Matched guise probing: the per-row log-probabilities of every attribute, whatever its number
     of tokens, {"aae": [rows, attributes], "sae": ...}; and each row's answers best_attr_aae /
     best_attr_sae by the rule `answers` (pipeline/data/answers.py) among the one-token attributes
     (the logit difference, attribution and patching read one token) or the given `answer_pair`.
     With `multi_token=False` only one-token attributes (and the answer pair) are scored: the
     old, cheaper probing. Returns the rows with their answers, the log-probabilities, the
-    attribute names, and the attributes left out of the answers with the reason."""
+    attribute names, the attributes left out of the answers with the reason, and (with `record`)
+    each guise's direct logit attributions on the direction best_attr_aae - best_attr_sae, kept
+    from the same pass ({"aae": attribute()-like dict, "sae": ...}; else None)."""
     pair = list(answer_pair or [])
     names = list(attributes)
     attrs = attribute_tokens(model, names)
@@ -87,18 +92,27 @@ def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, pre
     if len(candidates) < 2:
         raise PipelineError("fewer than two attributes are one token for this model's tokenizer, so no prompt can get "
                             "two one-token answers: add one-token attributes or set dataset.answer_pair")
-    logp = {}
+    record = record and all(len(attrs.ids[i]) == 1 for i in candidates)  # a multi-token answer pair has no one column
+    logp, records, lasts = {}, {}, {}
     for side in ("aae", "sae"):
         splits = [(t.split("{}")[0], u, t.split("{}")[1]) for t, u in zip(rows.template, rows[f"utterance_{side}"])]
         batch = tokenize(model, list(rows[f"prompt_{side}"]), splits, prepend_bos)
-        logp[side] = score_attributes(model, batch, attrs, batch_size, desc=f"probing {side.upper()}")
+        rec = LastTokenRecord(model, [attrs.ids[i][0] for i in candidates]) if record else None
+        logp[side] = score_attributes(model, batch, attrs, batch_size, desc=f"probing {side.upper()}", record=rec)
+        records[side], lasts[side] = rec and rec.result(), batch.last
     assoc = (logp["aae"] - logp["sae"]).numpy()[:, candidates]
     choices = [names[i] for i in candidates]
     aae, sae = choose_answers(assoc, choices, rows.pair_id, answers, answer_pair)
     out = rows.copy()
     out.insert(2, "best_attr_aae", [choices[i] for i in aae])
     out.insert(3, "best_attr_sae", [choices[i] for i in sae])
-    return out, logp, names, left_out
+    attributions = None
+    if record:  # the record's columns are the candidates, in the order answers index them
+        aae_t, sae_t = torch.as_tensor(aae, dtype=torch.long), torch.as_tensor(sae, dtype=torch.long)
+        answer_ids = torch.tensor([[attrs.ids[candidates[a]][0], attrs.ids[candidates[b]][0]] for a, b in zip(aae, sae)])
+        attributions = {side: {**record_attributions(records[side], aae_t, sae_t), "last": lasts[side], "answers": answer_ids}
+                        for side in ("aae", "sae")}
+    return out, logp, names, left_out, attributions
 
 
 def answer_columns(names: list[str], left_out) -> list[int]:

@@ -25,6 +25,7 @@ scores are checked once per model against plain forward passes (`_check_against_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -117,8 +118,11 @@ def _positions_within(ids: list[list[int]], group: list[int]) -> torch.Tensor:
 
 
 def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_size: int,
-                     desc: str | None = None, max_row_tokens: int = MAX_ROW_TOKENS) -> torch.Tensor:
-    """[prompts, attributes] log p(attribute | prompt), each attribute's whole token sequence."""
+                     desc: str | None = None, max_row_tokens: int = MAX_ROW_TOKENS, record=None) -> torch.Tensor:
+    """[prompts, attributes] log p(attribute | prompt), each attribute's whole token sequence.
+    `record` (pipeline.attribution.LastTokenRecord) rides on the pass that holds the prompts and
+    keeps what the attribution stage reads at their last tokens: the prompt positions of a packed
+    row compute exactly what a plain run of the prompt does."""
     device = model_device(model)
     pad_id = model.tokenizer.pad_token_id
     first = torch.tensor([t[0] for t in attrs.ids])
@@ -131,7 +135,11 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
             mb = batch.slice(rows)
             for g, group in enumerate(groups):
                 tokens, positions, mask, offsets, targets, owners = packed_rows(mb, attrs.ids, group, pad_id)
-                logits = model(tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+                recording = record is not None and g == 0
+                with model.hooks(fwd_hooks=record.hooks(mb.last)) if recording else nullcontext():
+                    logits = model(tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+                if recording:
+                    record.collect()
                 logits = logits.float().cpu()
                 if g == 0:  # the first token of every attribute, at the prompt's real last token
                     at_last = logits[torch.arange(len(mb)), mb.last]

@@ -15,11 +15,13 @@ import pandas as pd
 import torch
 
 from pipeline import figures
-from pipeline.artifacts import write_atomic, write_figure, write_table, write_tensors
+from pipeline.artifacts import read_tensors, safe_open_metadata, write_atomic, write_figure, write_table, write_tensors
 from pipeline.attribution import attribute, full_attention
 from pipeline.errors import PipelineError
 from pipeline.forward import sum_tolerance
 from pipeline.prompts import role_sort_key
+from pipeline.stages.cache import logit_diffs_from_probing
+from pipeline.stages.data import GUISE_ATTRIBUTION
 from pipeline.stats import summarize, summary_table, units_of
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,10 @@ def run(ctx) -> None:
     features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
 
-    results = {side: attribute(model, getattr(pairs, side), pairs.answers, bs, desc=f"attribution ({side})")
-               for side in ("clean", "corrupted")}
+    results = from_probing(ctx)
+    if results is None:
+        results = {side: attribute(model, getattr(pairs, side), pairs.answers, bs, desc=f"attribution ({side})")
+                   for side in ("clean", "corrupted")}
     for side, r in results.items():
         gap = float((r["layer"].sum(0) - r["model_logit_diff"]).abs().max())
         tolerance = sum_tolerance(ctx.dtype, r["layer"], CLOSURE_ATOL)
@@ -95,6 +99,37 @@ def run(ctx) -> None:
 
     write_figures(ctx, lens, layer, heads, n_layers, n_heads, features)
     write_attention(ctx, positive, negative, results["clean"]["last_attention"])
+
+
+def from_probing(ctx) -> dict | None:
+    """The attributions the data stage kept from its probing pass (pipeline/attribution.py:
+    LastTokenRecord), turned to this run's direction, with the model's own logit differences
+    from the same pass for the closure check; None when there is no such record (a dataset given
+    as a CSV) or it does not match this run's prompts and answers."""
+    path = ctx.tensors / GUISE_ATTRIBUTION
+    if ctx.cfg.dataset.path or not path.exists():
+        return None
+    ld = logit_diffs_from_probing(ctx)
+    if ld is None:
+        return None
+    t, labels = read_tensors(path), json.loads(safe_open_metadata(path)["labels"])
+    pairs, direction = ctx.pairs, ctx.cfg.direction
+    sign = 1.0 if str(direction.clean) == "aae" else -1.0  # the record's direction is best_attr_aae - best_attr_sae
+    answers = pairs.answers if sign > 0 else pairs.answers.flip(-1)
+    out = {}
+    for side, guise in (("clean", direction.clean), ("corrupted", direction.corrupted)):
+        batch = getattr(pairs, side)
+        last = t[f"{guise}/last"]
+        if last.shape != batch.last.shape or not torch.equal(last, batch.last.cpu()) \
+                or not torch.equal(t[f"{guise}/answers"], answers.cpu()):
+            log.info("attribution: the data stage's record does not match this run's prompts or answers; running a pass")
+            return None
+        out[side] = {key: sign * t[f"{guise}/{key}"] for key in ("logit_lens", "layer", "head")}
+        out[side].update(model_logit_diff=ld[side], labels=labels,
+                         last_attention=[a[:, :, : int(n) + 1].float() for a, n in zip(t[f"{guise}/attention"], last)])
+    log.info("attribution: read from the data stage's probing pass (one pass over each guise serves probing, "
+             "the baseline and attribution)")
+    return out
 
 
 def band(table: pd.DataFrame, side: str):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
+
 from pipeline import figures, validation
 from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
 from pipeline.data.answers import check_rule
@@ -22,6 +24,7 @@ from pipeline.nulls import association_null
 
 log = logging.getLogger(__name__)
 GUISE_LOGPROBS = "guise_logprobs.safetensors"  # log p(attribute | prompt) per row, per side
+GUISE_ATTRIBUTION = "guise_attribution.safetensors"  # direct logit attributions from the same pass, per side
 NO_ANSWERS_NEEDED = ("data", "report")  # stages that read no answer's logit
 
 
@@ -55,8 +58,10 @@ def run(ctx) -> None:
                               advice=" (set dataset.answer_pair=[<aae side>,<sae side>]); stage=data alone "
                                      "still writes the association table of every attribute")
         rows = select(build_rows(pairs, templates, cfg.features), None, cfg.max_prompts)
-        df, logp, names, left_out = probe(ctx.model, rows, attributes, int(ctx.cfg.batch_size),
-                                          bool(ctx.cfg.model.prepend_bos), cfg.answers, fixed, bool(cfg.multi_token))
+        record = "attribution" in ctx.cfg.stage.stages  # one pass serves probing, baseline and attribution
+        df, logp, names, left_out, attributions = probe(ctx.model, rows, attributes, int(ctx.cfg.batch_size),
+                                                        bool(ctx.cfg.model.prepend_bos), cfg.answers, fixed,
+                                                        bool(cfg.multi_token), record)
         assoc = (logp["aae"] - logp["sae"]).numpy()
         n_perm, seed = int(ctx.cfg.nulls.permutations), int(ctx.cfg.seed)
         null = association_null(assoc, df.pair_id, n_perm, seed, float(ctx.cfg.nulls.fdr)).assign(attribute=names)
@@ -73,9 +78,29 @@ def run(ctx) -> None:
         write_tensors(ctx.tensors / GUISE_LOGPROBS, logp,
                       metadata={"rows": "dataset.csv rows", "columns": json.dumps(names),
                                 "not_answers": json.dumps(left_out)})
+        if attributions:
+            write_guise_attributions(ctx.tensors / GUISE_ATTRIBUTION, attributions)
         write_figure(ctx.figures / "attribute_association.html", figures.attribute_association(table))
         log.info("dataset: built %d prompts over %d features (task %s, %d attributes), answers by rule %s; top "
                  "AAE-associated attributes: %s", len(df), df.feature.nunique(), task, len(names), cfg.answers,
                  ", ".join(table.attribute.head(5)))
     ordered = SEED_COLUMNS + [c for c in df.columns if c not in SEED_COLUMNS]
     write_table(ctx.run_dir / "dataset.csv", df[ordered])
+
+
+def write_guise_attributions(path, attributions: dict) -> None:
+    """Each guise's attributions on the direction best_attr_aae - best_attr_sae (the attribution
+    stage flips the sign for direction=sae_clean), its prompts' last-token positions and answer
+    token ids (checked against the run's prompt pairs before use), and the last token's
+    attention over the prompt's positions, zero-padded, in float16 (it is read for figures only)."""
+    tensors, labels = {}, None
+    for side, a in attributions.items():
+        for key in ("logit_lens", "layer", "head", "last", "answers"):
+            tensors[f"{side}/{key}"] = a[key].clone()
+        width = max(t.shape[-1] for t in a["last_attention"])
+        tensors[f"{side}/attention"] = torch.stack(
+            [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in a["last_attention"]]).half()
+        labels = a["labels"]
+    write_tensors(path, tensors, metadata={"labels": json.dumps(labels), "direction": "best_attr_aae - best_attr_sae",
+                                           "axes": "logit_lens/layer [component, prompt], head [layer, head, prompt], "
+                                                   "attention [prompt, layer, head, position]"})
