@@ -64,8 +64,10 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def one_pass_gflop(run_dir: Path) -> float | None:
-    """Matmul work of one forward over both guises of the run's dataset (embedded model only)."""
+def one_pass_gflop(run_dir: Path) -> tuple[float, float] | None:
+    """Matmul work of one forward over both guises of the run's dataset (embedded model only), and
+    of the probing pass, which also runs every multi-token attribute's tokens but its last after
+    each prompt (pipeline/data/scoring.py) and unembeds each of those positions."""
     import pandas as pd
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +87,11 @@ def one_pass_gflop(run_dir: Path) -> float | None:
     df = pd.read_csv(run_dir / "dataset.csv", dtype=str, keep_default_na=False)
     prompts = list(df.prompt_aae) + list(df.prompt_sae)
     tokens = sum(len(tokenizer(p)["input_ids"]) + 1 for p in prompts)  # + BOS
-    return (2 * body * tokens + 2 * embed * len(prompts)) / 1e9
+    plain = (2 * body * tokens + 2 * embed * len(prompts)) / 1e9
+    association = run_dir / "tables" / "attribute_association.csv"
+    extra = int((pd.read_csv(association).n_tokens - 1).sum()) if association.exists() else 0  # per prompt
+    probing = plain + (2 * body + 2 * embed) * extra * len(prompts) / 1e9
+    return plain, probing
 
 
 def main() -> None:
@@ -100,15 +106,17 @@ def main() -> None:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if v is not None)
         print(f"{name:<9}{r['wall_s']:>9.1f}{r['peak_mb']:>10.0f}  {stages}")
         if r["pass_gflop"]:
-            passes = {"data": 1, "attribution": 1}  # forwards over both guises (the cache stage reuses the probing)
-            seconds = {k: v for k, v in r["stages"].items() if k in passes and v}
-            floor = r["pass_gflop"] / peak
-            print(f"{'':<9}one pass over both guises: {r['pass_gflop'] / 1e3:.1f} TFLOP; matmul peak here {peak:.0f} GFLOP/s "
+            plain, probing = r["pass_gflop"]
+            floor, probing_floor = plain / peak, probing / peak
+            print(f"{'':<9}one pass over both guises: {plain / 1e3:.1f} TFLOP; matmul peak here {peak:.0f} GFLOP/s "
                   f"-> floor {floor:.0f} s")
-            for k, v in seconds.items():
-                print(f"{'':<9}{k}: {v:.0f} s, {passes[k] * r['pass_gflop'] / v / peak:.0%} of the matmul peak if it makes one full pass")
-            together = sum(v for k, v in seconds.items())
-            print(f"{'':<9}data+cache+attribution: {together:.0f} s = {together / floor:.1f}x one pass (target <= 1.2x)")
+            print(f"{'':<9}the probing pass (prompts + multi-token attribute continuations): {probing / 1e3:.1f} TFLOP "
+                  f"-> floor {probing_floor:.0f} s")
+            together = sum(v for k, v in r["stages"].items() if k in ("data", "cache", "attribution") and v)
+            if "data" in r["stages"]:
+                print(f"{'':<9}data: {r['stages']['data']:.0f} s, {probing / r['stages']['data'] / peak:.0%} of the matmul peak")
+            print(f"{'':<9}data+cache+attribution: {together:.0f} s = {together / floor:.1f}x the floor of one pass over the "
+                  f"prompts (target <= 1.2x), {together / probing_floor:.2f}x the floor of the probing pass")
         if name == "default":
             print(f"{'':<9}target: <= 600 s and <= 4096 MB -> {'met' if r['wall_s'] <= 600 and r['peak_mb'] <= 4096 else 'NOT met'}")
 

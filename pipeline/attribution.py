@@ -129,8 +129,9 @@ class LastTokenRecord:
         out.append(("ln_final.hook_scale", keep("scale", "vector")))
         return out
 
-    def collect(self) -> None:
-        """Project the micro-batch just run: [b, components, A] per kind, and its attention."""
+    def collect(self, index: torch.Tensor) -> None:
+        """Project the micro-batch just run, whose rows are the prompts `index`: [b, components, A]
+        per kind, and its attention."""
         seen, model = self.seen, self.model
         scale = seen["scale"].float()  # [b, 1]
         columns = self.columns.to(scale.device)
@@ -143,6 +144,7 @@ class LastTokenRecord:
         heads = [torch.einsum("bhk,hkd->hbd", seen[f"z{l}"].float(), model.W_O[l].float())
                  for l in range(model.cfg.n_layers)]  # each head's write, no bias
         self.batches.append({
+            "index": index.cpu(),
             "logit_lens": project([seen[h] for h in self.lens_hooks.values()]),
             "layer": project([seen[self.layer_hooks[k]] for k in layer_labels]),
             "head": torch.stack([torch.einsum("hbd,da->bha", apply_final_ln_scale(model, h, scale), columns)
@@ -156,8 +158,10 @@ class LastTokenRecord:
     def result(self) -> dict:
         """{"logit_lens": [n, C, A], "layer": [n, C, A], "head": [n, layers, heads, A],
         "attention": list of [layers, heads, positions], "labels", "bias": [A]}."""
-        out = {k: torch.cat([b[k] for b in self.batches]) for k in ("logit_lens", "layer", "head")}
-        out["attention"] = [a for b in self.batches for a in b["attention"]]
+        order = torch.argsort(torch.cat([b["index"] for b in self.batches]))  # back to prompt order
+        out = {k: torch.cat([b[k] for b in self.batches])[order] for k in ("logit_lens", "layer", "head")}
+        attention = [a for b in self.batches for a in b["attention"]]
+        out["attention"] = [attention[i] for i in order.tolist()]
         out["labels"] = {"logit_lens": list(self.lens_hooks), "layer": self.layer_labels + ["unembed_bias"]}
         out["bias"] = self.bias
         return out

@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.metrics import gather_last
 from pipeline.prompts import PromptBatch, micro_batches
 
 
@@ -23,7 +22,7 @@ class _StopForward(Exception):
 _SHORTCUT_CHECKED: dict[int, bool] = {}
 
 
-def _normed_residual(model, mb: PromptBatch, fwd_hooks=()) -> torch.Tensor:
+def _normed_residual(model, tokens: torch.Tensor, fwd_hooks=(), **kwargs) -> torch.Tensor:
     box = {}
 
     def grab(x, hook):
@@ -31,33 +30,39 @@ def _normed_residual(model, mb: PromptBatch, fwd_hooks=()) -> torch.Tensor:
         raise _StopForward
 
     try:
-        model.run_with_hooks(mb.tokens, attention_mask=mb.attention_mask,
-                             fwd_hooks=[*fwd_hooks, ("ln_final.hook_out", grab)])
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, ("ln_final.hook_out", grab)], **kwargs)
     except _StopForward:
         pass
     return box["x"]
 
 
-def last_token_logits(model, mb: PromptBatch, fwd_hooks=()) -> torch.Tensor:
-    """[batch, vocab] logits at each prompt's real last token, unembedding only that position:
-    the forward stops after the final norm (the vocabulary projection of every position is a
-    fifth of a small model's work). Checked once per model against the full forward, which is
-    used instead where they differ (models that transform logits after the unembedding)."""
+def logits_at(model, tokens: torch.Tensor, where: torch.Tensor, fwd_hooks=(), **kwargs) -> torch.Tensor:
+    """[batch, k, vocab] logits at positions where [batch, k] of each row (kwargs: attention_mask,
+    position_ids), unembedding only those positions: the forward stops after the final norm (the
+    vocabulary projection of every position is a fifth of a small model's work). Checked once per
+    model against the full forward, which is used instead where they differ (models that
+    transform logits after the unembedding)."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+    where = where.to(tokens.device)
     key = id(model)
     if key not in _SHORTCUT_CHECKED:
         with torch.no_grad():
-            full = gather_last(model(mb.tokens, attention_mask=mb.attention_mask), mb.last)
-            short = _unembed_last(model, _normed_residual(model, mb), mb)
+            full = model(tokens, **kwargs)[rows, where]
+            short = _unembed(model, _normed_residual(model, tokens, **kwargs)[rows, where])
         _SHORTCUT_CHECKED[key] = bool(torch.allclose(full, short, atol=1e-4, rtol=1e-4))
     if not _SHORTCUT_CHECKED[key]:
-        return gather_last(model.run_with_hooks(mb.tokens, attention_mask=mb.attention_mask, fwd_hooks=list(fwd_hooks)), mb.last)
-    return _unembed_last(model, _normed_residual(model, mb, fwd_hooks), mb)
+        return model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **kwargs)[rows, where]
+    return _unembed(model, _normed_residual(model, tokens, fwd_hooks, **kwargs)[rows, where])
 
 
-def _unembed_last(model, normed: torch.Tensor, mb: PromptBatch) -> torch.Tensor:
-    last = normed[torch.arange(normed.shape[0], device=normed.device), mb.last]
+def last_token_logits(model, mb: PromptBatch, fwd_hooks=()) -> torch.Tensor:
+    """[batch, vocab] logits at each prompt's real last token (`logits_at`)."""
+    return logits_at(model, mb.tokens, mb.last[:, None], fwd_hooks, attention_mask=mb.attention_mask)[:, 0]
+
+
+def _unembed(model, normed: torch.Tensor) -> torch.Tensor:
     b_U = getattr(model, "b_U", None)
-    return last @ model.W_U + (b_U if b_U is not None else 0)
+    return normed @ model.W_U + (b_U if b_U is not None else 0)
 
 
 def map_last_logits(

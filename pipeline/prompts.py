@@ -45,6 +45,13 @@ class PromptBatch:
             self.last[idx], self.role_labels[idx], self.str_tokens[idx],
         )
 
+    def take(self, index: list[int]) -> "PromptBatch":
+        """The prompts at `index`, in that order, trimmed to their longest."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        width = int(self.last[idx].max()) + 1
+        return PromptBatch([self.prompts[i] for i in index], self.tokens[idx, :width], self.attention_mask[idx, :width],
+                           self.last[idx], [self.role_labels[i] for i in index], [self.str_tokens[i] for i in index])
+
     def to(self, device) -> "PromptBatch":
         return PromptBatch(self.prompts, self.tokens.to(device), self.attention_mask.to(device),
                            self.last.to(device), self.role_labels, self.str_tokens)

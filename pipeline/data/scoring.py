@@ -25,14 +25,13 @@ scores are checked once per model against plain forward passes (`_check_against_
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.forward import model_device
+from pipeline.forward import logits_at, model_device
 from pipeline.prompts import PromptBatch, micro_batches
 
 PROMPT, PAD = -1, -2  # segment ids: a prompt token, padding; continuations are numbered 0, 1, ...
@@ -128,29 +127,34 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
     first = torch.tensor([t[0] for t in attrs.ids])
     room = max(max_row_tokens - int(batch.last.max()) - 1, max(len(t) for t in attrs.ids) - 1)
     groups = continuation_groups(attrs.ids, room)
+    # Prompts of similar length share a micro-batch (less padding); results go back to batch order.
+    order = sorted(range(len(batch)), key=lambda i: int(batch.last[i]))
+    by_length = batch.take(order)
     out = torch.zeros(len(batch), len(attrs.names))
     chunks = list(micro_batches(len(batch), batch_size))
     with torch.no_grad():
         for rows in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-            mb = batch.slice(rows)
+            mb, index = by_length.slice(rows), torch.tensor(order[rows])
             for g, group in enumerate(groups):
                 tokens, positions, mask, offsets, targets, owners = packed_rows(mb, attrs.ids, group, pad_id)
-                recording = record is not None and g == 0
-                with model.hooks(fwd_hooks=record.hooks(mb.last)) if recording else nullcontext():
-                    logits = model(tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
-                if recording:
-                    record.collect()
-                logits = logits.float().cpu()
-                if g == 0:  # the first token of every attribute, at the prompt's real last token
-                    at_last = logits[torch.arange(len(mb)), mb.last]
-                    out[rows] += torch.log_softmax(at_last, -1)[:, first]
+                # Logits only where something is read: the first token of every attribute at the
+                # prompt's last token (first group), then after each appended token.
+                where = (mb.last + 1)[:, None] + offsets[None, :]
+                if g == 0:
+                    where = torch.cat([mb.last[:, None], where], 1)
+                hooks = record.hooks(mb.last) if record is not None and g == 0 else ()
+                logits = logits_at(model, tokens.to(device), where, hooks, attention_mask=mask.to(device),
+                                   position_ids=positions.to(device)).float().cpu()
+                if hooks:
+                    record.collect(index)
+                if g == 0:
+                    out[index] += torch.log_softmax(logits[:, 0], -1)[:, first]
+                    logits = logits[:, 1:]
                 if len(offsets):
-                    where = (mb.last + 1)[:, None] + offsets[None, :]  # [rows, appended tokens]
-                    picked = logits[torch.arange(len(mb))[:, None], where]
-                    logp = torch.log_softmax(picked, -1).gather(-1, targets.expand(len(mb), -1)[..., None])[..., 0]
-                    out[rows] += torch.zeros(len(mb), len(attrs.names)).index_add_(1, owners, logp)
+                    logp = torch.log_softmax(logits, -1).gather(-1, targets.expand(len(mb), -1)[..., None])[..., 0]
+                    out[index] += torch.zeros(len(mb), len(attrs.names)).index_add_(1, owners, logp)
             if rows.start == 0:
-                _check_against_plain(model, mb, attrs, out[rows])
+                _check_against_plain(model, mb, attrs, out[index])
     return out
 
 
