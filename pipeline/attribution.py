@@ -95,6 +95,7 @@ class LastTokenRecord:
         self.model = model
         n_layers = model.cfg.n_layers
         self.columns = model.W_U[:, token_ids].detach().float()  # [d_model, A]
+        self.W_O = model.W_O.detach().float()  # [layers, heads, d_head, d_model]; the bridge stacks it anew on each access
         b_U = getattr(model, "b_U", None)
         self.bias = (b_U[token_ids].detach().float().cpu() if b_U is not None else torch.zeros(len(token_ids)))
         self.lens_hooks = {f"{l}_pre": f"blocks.{l}.hook_resid_pre" for l in range(n_layers)}
@@ -141,7 +142,7 @@ class LastTokenRecord:
             return torch.einsum("cbd,da->bca", apply_final_ln_scale(model, stack, scale), columns).cpu()
 
         layer_labels = [k for k, h in self.layer_hooks.items() if h in seen]  # embeddings a model has
-        heads = [torch.einsum("bhk,hkd->hbd", seen[f"z{l}"].float(), model.W_O[l].float())
+        heads = [torch.einsum("bhk,hkd->hbd", seen[f"z{l}"].float(), self.W_O[l])
                  for l in range(model.cfg.n_layers)]  # each head's write, no bias
         self.batches.append({
             "index": index.cpu(),
