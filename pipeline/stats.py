@@ -1,6 +1,6 @@
 """Summaries of per-prompt values: mean, standard error and a 95% percentile-bootstrap interval
-over prompts, a sign-flip permutation p-value against zero with a Benjamini-Hochberg flag, and
-means per dialect feature."""
+(over pairs where the prompts come in pairs, else over prompts), a sign-flip permutation p-value
+against zero with a Benjamini-Hochberg flag, and means per dialect feature."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ import torch
 from pipeline.nulls import benjamini_hochberg, sign_flip_test
 
 
-def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
+def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, units=None) -> dict[str, torch.Tensor]:
     """values [..., n_prompts] (NaN where a prompt does not apply) -> mean, sem, ci_low, ci_high,
-    n, each shaped [...]. Resamples prompts with replacement `n_boot` times."""
+    n, each shaped [...]. The interval resamples prompts with replacement `n_boot` times or, with
+    `units` (each prompt's pair id), whole pairs: the nine templates of one utterance pair are not
+    nine independent observations, and resampling prompts alone gives intervals that are too
+    narrow. With units, `sem` is the standard deviation of the pair-bootstrap means (the standard
+    error under the same resampling); without, the usual std / sqrt(n)."""
     lead = values.shape[:-1]
     x = values.reshape(-1, values.shape[-1]).double()
     valid = ~torch.isnan(x)
@@ -23,10 +27,20 @@ def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict[s
     var = (torch.where(valid, x - mean[:, None], torch.zeros_like(x)) ** 2).sum(-1) / (n - 1).clamp(min=1)
     sem = (var / n.clamp(min=1)).sqrt()
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(values.shape[-1], (n_boot, values.shape[-1]), generator=g)
-    counts = torch.zeros(n_boot, values.shape[-1], dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    if units is None:
+        unit_of = torch.arange(values.shape[-1])
+    else:
+        if len(units) != values.shape[-1]:
+            raise ValueError(f"{len(units)} units for {values.shape[-1]} prompts")
+        unit_of = torch.from_numpy(pd.factorize(pd.Series(list(units)))[0].astype(np.int64))
+    n_units = int(unit_of.max()) + 1 if len(unit_of) else 0
+    idx = torch.randint(max(n_units, 1), (n_boot, n_units), generator=g)  # units drawn with replacement
+    drawn = torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    counts = drawn[:, unit_of]  # [n_boot, n_prompts]: every prompt of a drawn unit, as often as it is drawn
     boot = (filled @ counts.T) / (valid.double() @ counts.T).clamp(min=1)  # [rows, n_boot]
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=-1)
+    if units is not None:
+        sem = boot.std(-1)
     nan = n == 0
     out = {"mean": mean, "sem": sem, "ci_low": lo, "ci_high": hi}
     out = {k: torch.where(nan, torch.full_like(v, float("nan")), v).reshape(lead).float() for k, v in out.items()}
@@ -47,12 +61,12 @@ def feature_means(values: torch.Tensor, features: list[str]) -> dict[str, torch.
 def summary_table(values: torch.Tensor, keys: pd.DataFrame, features: list[str] | None, n_boot: int, seed: int,
                   n_perm: int = 1000, alpha: float = 0.05, units=None) -> pd.DataFrame:
     """One row per component (rows of `keys`, in the flattened order of values[..., :]) with
-    mean, sem, 95% interval, prompt count, the mean per feature, and the test of the mean against
+    mean, sem, 95% interval (resampling `units` where given, `summarize`), prompt count, the mean per feature, and the test of the mean against
     0: `p_signflip` (two-sided sign-flip permutation test over prompts, or over `units` such as
     pair ids, whose prompts flip together; `n_perm` random sign patterns, or all of them when there
     are few), `q_bh` (Benjamini-Hochberg adjusted over all components of this table) and
     `significant_bh` (q_bh <= alpha)."""
-    s = summarize(values, n_boot, seed)
+    s = summarize(values, n_boot, seed, units)
     table = keys.reset_index(drop=True).copy()
     for k in ("mean", "sem", "ci_low", "ci_high"):
         table[k] = s[k].reshape(-1).numpy()

@@ -43,3 +43,22 @@ def test_summarize_interval_contains_mean_and_ignores_nan():
     torch.testing.assert_close(s["mean"][0], torch.nanmean(x[0]), atol=1e-6, rtol=0)
     assert s["n"].tolist() == [190, 200, 200]
     assert abs(float(s["mean"][2]) + 2) < 0.3
+
+
+def test_pair_bootstrap_resamples_whole_pairs():
+    """With pair ids, the interval resamples pairs: for pairs of equal size it equals the
+    bootstrap of the pair means (same draws), and when the templates of a pair move together it
+    is wider than the prompt bootstrap, which treats them as independent."""
+    g = torch.Generator().manual_seed(1)
+    n_pairs, per_pair = 40, 9
+    pair_effect = torch.randn(2, n_pairs, generator=g).repeat_interleave(per_pair, -1)
+    x = pair_effect + 0.05 * torch.randn(2, n_pairs * per_pair, generator=g)
+    units = [f"p{i // per_pair}" for i in range(n_pairs * per_pair)]
+    paired = summarize(x, n_boot=400, seed=3, units=units)
+    of_means = summarize(x.reshape(2, n_pairs, per_pair).mean(-1), n_boot=400, seed=3)
+    for key in ("mean", "ci_low", "ci_high"):
+        torch.testing.assert_close(paired[key], of_means[key], atol=1e-6, rtol=0)
+    prompts = summarize(x, n_boot=400, seed=3)
+    assert ((paired["ci_high"] - paired["ci_low"]) > 2 * (prompts["ci_high"] - prompts["ci_low"])).all()
+    assert (paired["sem"] > 2 * prompts["sem"]).all()
+    torch.testing.assert_close(prompts["mean"], paired["mean"])
