@@ -124,3 +124,13 @@ def test_normalized_metric_is_the_notebooks_and_zero_when_nothing_changes():
     torch.testing.assert_close(anchors.normalize(clean).mean(), torch.tensor(1.0))
     # A patch that changes nothing reads 0 on any subset of prompts (e.g. those that have a role).
     assert torch.equal(anchors.normalize(corrupted)[[1, 3]], torch.zeros(2))
+
+
+def test_plan_runs_cuts_at_start_changes_once_a_forward_is_big_enough():
+    from pipeline.patching.engine import plan_runs
+
+    starts = [0, 0, 5, 5, 5, 9, 9, 9, 9, 9]
+    runs = plan_runs(starts, width=10, rows_per_run=4, min_tokens=10)
+    assert runs == [(0, 2), (2, 5), (5, 9), (9, 10)]  # cut where the start moves on, or at 4 rows
+    assert plan_runs(starts, width=10, rows_per_run=100, min_tokens=1000) == [(0, 10)]  # never big enough: one forward
+    assert plan_runs([], width=10, rows_per_run=4) == []

@@ -42,6 +42,7 @@ from pipeline.patching.sweeps import Cell, all_position_pairs, patch_head_patter
 from pipeline.prompts import PairedPrompts, micro_batches
 
 log = logging.getLogger(__name__)
+MIN_RUN_TOKENS = 256  # positions a forward computes before plan_runs cuts at a later start (chosen by timing 64-4096)
 
 
 def take_rows(obj, idx: torch.Tensor, batch: int):
@@ -267,34 +268,48 @@ class PreparedBatch:
         return out
 
     def run_fast(self, model, cells: list[Cell], rows_per_run: int) -> list[torch.Tensor]:
-        """The same values for cells that share one layer and part, several cells per forward."""
+        """The same values for cells that share one layer and part, several cells per forward.
+        Every (cell, prompt) row that can change the run starts at its own first changed position,
+        and a forward computes from the earliest start among its rows: so rows are sorted by start
+        and cut into forwards of similar starts (`plan_runs`), rather than taken cell by cell (a
+        late role's rows would be recomputed from the earliest role's position)."""
         assert len({(c.part, c.layer) for c in cells}) == 1
-        outs, plans, starts = [], [], []
-        for cell in cells:
+        outs, entries = [], []  # entries: (first changed position, cell, micro-batch row)
+        for k, cell in enumerate(cells):
             has, active, first = self.cell_rows(cell, fast=True)
             out = torch.full((self.size,), float("nan"))
             out[has] = self.corrupted_ld[has].cpu()
             outs.append(out)
-            plans.append(active)
-            starts.append(first)
-        start = 0
-        while start < len(cells):
-            stop, rows = start, 0
-            while stop < len(cells) and (stop == start or rows + len(plans[stop]) <= rows_per_run):
-                rows += len(plans[stop])
-                stop += 1
-            chunk = [k for k in range(start, stop) if len(plans[k])]
-            if chunk:
-                offsets = torch.cumsum(torch.tensor([0] + [len(plans[k]) for k in chunk]), 0).tolist()
-                patch = Patch.cat([self.patch_for(cells[k], plans[k], torch.arange(offsets[n], offsets[n + 1]))
-                                   for n, k in enumerate(chunk)])
-                run_rows = torch.cat([plans[k] for k in chunk])
-                first = int(torch.cat([starts[k] for k in chunk]).min())
-                ld = self.patched_ld(model, cells[chunk[0]], run_rows, first, patch)
-                for n, k in enumerate(chunk):
-                    outs[k][plans[k]] = ld[offsets[n]: offsets[n + 1]]
-            start = stop
+            entries += [(s, k, r) for r, s in zip(active.tolist(), first.tolist())]
+        entries.sort()
+        width = int(self.corrupted.tokens.shape[1])
+        for lo, hi in plan_runs([s for s, _, _ in entries], width, rows_per_run):
+            run = entries[lo:hi]
+            by_cell: dict[int, list[tuple[int, int]]] = {}
+            for n, (_, k, r) in enumerate(run):
+                by_cell.setdefault(k, []).append((n, r))
+            patch = Patch.cat([self.patch_for(cells[k], torch.tensor([r for _, r in rows]), torch.tensor([n for n, _ in rows]))
+                               for k, rows in by_cell.items()])
+            ld = self.patched_ld(model, cells[0], torch.tensor([r for _, _, r in run]), run[0][0], patch)
+            for n, (_, k, r) in enumerate(run):
+                outs[k][r] = ld[n]
         return outs
+
+
+def plan_runs(starts: list[int], width: int, rows_per_run: int, min_tokens: int = MIN_RUN_TOKENS) -> list[tuple[int, int]]:
+    """Cut rows sorted by start position into forwards [lo, hi): at most `rows_per_run` rows, and
+    a new forward where the start moves on once the current one already computes `min_tokens`
+    positions (rows x positions from its start to `width`). Small forwards waste the CPU's matrix
+    units more than recomputing a few earlier positions costs, so a forward grows to that size
+    before it is cut."""
+    runs, lo = [], 0
+    for i in range(1, len(starts) + 1):
+        if i == len(starts):
+            runs.append((lo, i))
+        elif i - lo >= rows_per_run or ((i - lo) * (width - starts[lo]) >= min_tokens and starts[i] > starts[lo]):
+            runs.append((lo, i))
+            lo = i
+    return runs
 
 
 def shared_prefix(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
