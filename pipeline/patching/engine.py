@@ -17,7 +17,9 @@ positions, in two interchangeable ways that give the same numbers:
     logit-difference direction, never the full vocabulary at every position;
   * batch cells: the cells of one layer and part run together, each on its own copy of the
     prompts, up to `rows_per_run` rows per forward, their patches applied as one indexed copy
-    (few large matrix products instead of many small ones, which is what costs time on a CPU).
+    (few large matrix products instead of many small ones, which is what costs time on a CPU);
+    rows are sorted by the position they start at and cut into forwards of similar starts
+    (`plan_runs`), since a forward computes from its earliest row's start.
   For a block layout kv_forward does not know, the fast engine resumes the bridge's own blocks
   from the recorded block inputs instead (all positions; TransformerBridge's `start_at_layer`
   still executes the earlier blocks, so it would save nothing).
