@@ -89,7 +89,7 @@ class LastTokenRecord:
     attribution: embeddings, attention and MLP outputs; head attribution: each head's z times
     its W_O), each projected through that prompt's final-norm scale onto the unembedding columns
     of `token_ids`; and the last token's attention over the positions. Use `hooks(last)` for a
-    forward, then `collect()`; `result()` concatenates the micro-batches."""
+    forward, then `collect(index)`; `result()` puts the micro-batches together in prompt order."""
 
     def __init__(self, model, token_ids: list[int]):
         self.model = model
@@ -98,16 +98,11 @@ class LastTokenRecord:
         self.W_O = model.W_O.detach().float()  # [layers, heads, d_head, d_model]; the bridge stacks it anew on each access
         b_U = getattr(model, "b_U", None)
         self.bias = (b_U[token_ids].detach().float().cpu() if b_U is not None else torch.zeros(len(token_ids)))
-        self.lens_hooks = {f"{l}_pre": f"blocks.{l}.hook_resid_pre" for l in range(n_layers)}
-        for l in range(n_layers):
-            self.lens_hooks[f"{l}_mid"] = f"blocks.{l}.hook_resid_mid"
+        # Labels and order of TransformerLens's accumulated_resid(incl_mid=True) and decompose_resid.
+        self.lens_hooks = {f"{l}_{half}": f"blocks.{l}.hook_resid_{half}" for l in range(n_layers) for half in ("pre", "mid")}
         self.lens_hooks["final_post"] = f"blocks.{n_layers - 1}.hook_resid_post"
-        order = [f"{l}_{half}" for l in range(n_layers) for half in ("pre", "mid")] + ["final_post"]
-        self.lens_hooks = {k: self.lens_hooks[k] for k in order}  # TransformerLens's accumulated_resid order
         self.layer_hooks = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
-        for l in range(n_layers):
-            self.layer_hooks[f"{l}_attn_out"] = f"blocks.{l}.hook_attn_out"
-            self.layer_hooks[f"{l}_mlp_out"] = f"blocks.{l}.hook_mlp_out"
+        self.layer_hooks.update({f"{l}_{kind}": f"blocks.{l}.hook_{kind}" for l in range(n_layers) for kind in ("attn_out", "mlp_out")})
         self.batches: list[dict] = []
         self.seen: dict[str, torch.Tensor] = {}
 

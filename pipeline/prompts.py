@@ -39,14 +39,11 @@ class PromptBatch:
 
     def slice(self, idx: slice) -> "PromptBatch":
         """A micro-batch, trimmed to its own longest prompt."""
-        width = int(self.last[idx].max()) + 1
-        return PromptBatch(
-            self.prompts[idx], self.tokens[idx, :width], self.attention_mask[idx, :width],
-            self.last[idx], self.role_labels[idx], self.str_tokens[idx],
-        )
+        return self.take(range(len(self))[idx])
 
-    def take(self, index: list[int]) -> "PromptBatch":
+    def take(self, index) -> "PromptBatch":
         """The prompts at `index`, in that order, trimmed to their longest."""
+        index = list(index)
         idx = torch.as_tensor(index, dtype=torch.long)
         width = int(self.last[idx].max()) + 1
         return PromptBatch([self.prompts[i] for i in index], self.tokens[idx, :width], self.attention_mask[idx, :width],
