@@ -102,6 +102,12 @@ def test_attribution_patching_tracks_exact_patching(tiny_model):
 
     pairs = pair_prompts(tiny_model, small_dataset(6), make_cfg([]).direction, True)
     approx = estimate(tiny_model, pairs, ["resid_pre", "output"], batch_size=3)
+    # Micro-batches group prompts by length: each estimate still lands on its own prompt, and
+    # equals the estimate of that prompt run alone.
+    assert len(set(pairs.clean.last.tolist())) > 1
+    alone = estimate(tiny_model, pairs, ["resid_pre", "output"], batch_size=1)
+    for part in ("resid_pre", "output"):
+        torch.testing.assert_close(approx[part], alone[part], atol=1e-5, rtol=0, equal_nan=True)
     for part in ("resid_pre", "output"):
         exact = ours(tiny_model, pairs, part)
         assert torch.equal(torch.isnan(exact), torch.isnan(approx[part]))

@@ -33,9 +33,14 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
     for p in model.parameters():
         p.requires_grad_(False)  # gradients w.r.t. activations only
     try:
-        for rows in tqdm(list(micro_batches(len(pairs), batch_size)), desc=desc, disable=desc is None, leave=False):
-            clean = pairs.clean.slice(rows).to(device)
-            corrupted = pairs.corrupted.slice(rows).to(device)
+        # Prompts of similar length share a micro-batch: in dataset order (templates interleaved)
+        # a quarter of the tokens run would be padding.
+        order = sorted(range(len(pairs)), key=lambda i: max(int(pairs.clean.last[i]), int(pairs.corrupted.last[i])))
+        for chunk in tqdm(list(micro_batches(len(pairs), batch_size)), desc=desc, disable=desc is None, leave=False):
+            idx = order[chunk]
+            rows = torch.tensor(idx, dtype=torch.long)
+            clean = pairs.clean.take(idx).to(device)
+            corrupted = pairs.corrupted.take(idx).to(device)
             answers = pairs.answers[rows].to(device)
             with torch.no_grad():
                 _, clean_cache = model.run_with_cache(clean.tokens, attention_mask=clean.attention_mask,
@@ -62,7 +67,7 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
                     for layer in range(n_layers):
                         name = PARTS[part][0].format(layer=layer)
                         delta = estimate_cell_changes(part, clean_cache[name].detach(), saved[name].detach(), saved[name].grad,
-                                                      pairs.clean_pos[rows], pairs.corrupted_pos[rows], all_pos[rows])
+                                                      pairs.clean_pos[rows], pairs.corrupted_pos[rows], [all_pos[i] for i in idx])
                         out[part][layer, :, rows] = ld[None, :] + delta.detach().cpu()
             del saved, clean_cache, last_logits
     finally:
