@@ -140,3 +140,33 @@ def test_plan_runs_cuts_at_start_changes_once_a_forward_is_big_enough():
     assert runs == [(0, 2), (2, 5), (5, 9), (9, 10)]  # cut where the start moves on, or at 4 rows
     assert plan_runs(starts, width=10, rows_per_run=100, min_tokens=1000) == [(0, 10)]  # never big enough: one forward
     assert plan_runs([], width=10, rows_per_run=4) == []
+
+
+def test_attribution_patching_cell_changes_equal_a_loop_over_prompts():
+    from pipeline.patching.attribution_patching import estimate_cell_changes, padded_positions
+
+    g = torch.Generator().manual_seed(0)
+    b, n_pos, heads = 3, 7, 4
+    # Each prompt's (corrupted, clean) positions, of different counts; clean prompts are longer.
+    all_pos = [(torch.tensor([0, 1, 2, 5]), torch.tensor([0, 1, 3, 6])), (torch.tensor([0, 4]), torch.tensor([0, 5])),
+               (torch.tensor([0, 1, 2, 3, 4, 6]), torch.tensor([0, 1, 2, 3, 5, 7]))]
+    k_idx, c_idx, valid = padded_positions(all_pos)
+    for part, shape_c, shape_k in (("output", (b, n_pos + 1, heads, 5), (b, n_pos, heads, 5)),
+                                   ("pattern", (b, heads, n_pos + 1, n_pos + 1), (b, heads, n_pos, n_pos))):
+        clean, corrupted, grad = torch.randn(shape_c, generator=g), torch.randn(shape_k, generator=g), torch.randn(shape_k, generator=g)
+        got = estimate_cell_changes(part, clean, corrupted, grad, None, None, k_idx, c_idx, valid)
+        for i, (k, c) in enumerate(all_pos):
+            for h in range(heads):
+                if part == "pattern":
+                    want = sum(float((clean[i, h, cq, ck] - corrupted[i, h, kq, kk]) * grad[i, h, kq, kk])
+                               for cq, kq in zip(c, k) for ck, kk in zip(c, k))
+                else:
+                    want = sum(float((clean[i, cp, h] - corrupted[i, kp, h]) @ grad[i, kp, h]) for cp, kp in zip(c, k))
+                assert abs(float(got[h, i]) - want) < 1e-4, (part, i, h)
+    # Role parts: one position per role, NaN where the prompt lacks the role.
+    clean, corrupted, grad = torch.randn(b, n_pos + 1, 6, generator=g), torch.randn(b, n_pos, 6, generator=g), torch.randn(b, n_pos, 6, generator=g)
+    clean_pos, corrupted_pos = torch.tensor([[0, 2], [1, -1], [3, 4]]), torch.tensor([[0, 1], [1, -1], [2, 6]])
+    got = estimate_cell_changes("resid_pre", clean, corrupted, grad, clean_pos, corrupted_pos, k_idx, c_idx, valid)
+    assert torch.isnan(got[1, 1]) and torch.isfinite(got[0]).all()
+    want = ((clean[2, 4] - corrupted[2, 6]) * grad[2, 6]).sum()
+    torch.testing.assert_close(got[1, 2], want)

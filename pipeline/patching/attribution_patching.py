@@ -28,7 +28,7 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
     n_layers = model.cfg.n_layers
     hooks = {PARTS[p][0].format(layer=l) for p in parts for l in range(n_layers)}
     out = {p: torch.full((n_layers, axis_size(model, pairs, PARTS[p][1]), len(pairs)), float("nan")) for p in parts}
-    all_pos = all_position_pairs(pairs)
+    k_all, c_all, valid_all = padded_positions(all_position_pairs(pairs))
     grads_were = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # gradients w.r.t. activations only
@@ -67,7 +67,8 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
                     for layer in range(n_layers):
                         name = PARTS[part][0].format(layer=layer)
                         delta = estimate_cell_changes(part, clean_cache[name].detach(), saved[name].detach(), saved[name].grad,
-                                                      pairs.clean_pos[rows], pairs.corrupted_pos[rows], [all_pos[i] for i in idx])
+                                                      pairs.clean_pos[rows], pairs.corrupted_pos[rows],
+                                                      k_all[rows], c_all[rows], valid_all[rows])
                         out[part][layer, :, rows] = ld[None, :] + delta.detach().cpu()
             del saved, clean_cache, last_logits
     finally:
@@ -76,28 +77,35 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
     return out
 
 
-def estimate_cell_changes(part, clean, corrupted, grad, clean_pos, corrupted_pos, all_pos) -> torch.Tensor:
-    """First-order change of the logit difference for every cell of one layer: [roles-or-heads, b]."""
+def padded_positions(all_pos: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`all_position_pairs` as [prompts, width] corrupted and clean positions and a mask of the real
+    entries (padding points at position 0), so every prompt's cells are read in one indexing."""
+    width = max((len(k) for k, _ in all_pos), default=0)
+    k_idx = torch.zeros((len(all_pos), width), dtype=torch.long)
+    c_idx = torch.zeros_like(k_idx)
+    valid = torch.zeros((len(all_pos), width), dtype=torch.bool)
+    for i, (k, c) in enumerate(all_pos):
+        k_idx[i, : len(k)], c_idx[i, : len(c)], valid[i, : len(k)] = k, c, True
+    return k_idx, c_idx, valid
+
+
+def estimate_cell_changes(part, clean, corrupted, grad, clean_pos, corrupted_pos, k_idx, c_idx, valid) -> torch.Tensor:
+    """First-order change of the logit difference for every cell of one layer: [roles-or-heads, b].
+    Role parts read each prompt's role positions (clean_pos / corrupted_pos, -1: no such role, NaN);
+    head parts sum over the positions k_idx / c_idx [b, width] where `valid` (padded_positions)."""
     clean, corrupted, grad = clean.float(), corrupted.float(), grad.float()  # accumulate in float32 whatever the model's dtype
-    b = corrupted.shape[0]
+    dev = grad.device
+    rows = torch.arange(corrupted.shape[0], device=dev)[:, None]
     if PARTS[part][1] == "role":
-        out = torch.full((clean_pos.shape[1], b), float("nan"), device=grad.device)
-        for r in range(clean_pos.shape[1]):
-            rows = torch.nonzero(clean_pos[:, r] >= 0).flatten()
-            if len(rows):
-                c, k = clean_pos[rows, r], corrupted_pos[rows, r]
-                d = clean[rows.to(clean.device), c.to(clean.device)] - corrupted[rows, k]
-                out[r, rows] = (d * grad[rows, k]).sum(-1)
-        return out
-    heads = corrupted.shape[1] if part == "pattern" else corrupted.shape[2]
-    out = torch.zeros((heads, b), device=grad.device)
-    for i, (k_pos, c_pos) in enumerate(all_pos):
-        if part == "pattern":
-            kq, kk = torch.meshgrid(k_pos, k_pos, indexing="ij")
-            cq, ck = torch.meshgrid(c_pos, c_pos, indexing="ij")
-            d = clean[i][:, cq, ck] - corrupted[i][:, kq, kk]  # [heads, q, k]
-            out[:, i] = (d * grad[i][:, kq, kk]).flatten(1).sum(-1)
-        else:
-            d = clean[i, c_pos] - corrupted[i, k_pos]  # [pos, heads, d_head]
-            out[:, i] = (d * grad[i, k_pos]).sum((0, 2))
-    return out
+        has = (clean_pos >= 0).to(dev)
+        c, k = clean_pos.clamp(min=0).to(dev), corrupted_pos.clamp(min=0).to(dev)
+        change = ((clean[rows, c] - corrupted[rows, k]) * grad[rows, k]).sum(-1)  # [b, roles]
+        return change.masked_fill(~has, float("nan")).T
+    k_idx, c_idx, valid = k_idx.to(dev), c_idx.to(dev), valid.to(dev)
+    if part == "pattern":  # [b, heads, q, k]: indexing dims 0, 2, 3 gives [b, width, width, heads]
+        r = rows[:, :, None]
+        kq, kk, cq, ck = k_idx[:, :, None], k_idx[:, None, :], c_idx[:, :, None], c_idx[:, None, :]
+        both = (valid[:, :, None] & valid[:, None, :])[..., None]
+        return ((clean[r, :, cq, ck] - corrupted[r, :, kq, kk]) * grad[r, :, kq, kk] * both).sum((1, 2)).T
+    # [b, pos, heads, d_head] -> [b, width, heads, d_head]
+    return ((clean[rows, c_idx] - corrupted[rows, k_idx]) * grad[rows, k_idx] * valid[:, :, None, None]).sum((1, 3)).T
