@@ -276,7 +276,10 @@ def _run_circuits(model, graph, ref: Reference, corrupted, clean_last, notin, me
             r, _, s, d = diff.shape
             k = mask.shape[-1]
             if len(cols):
-                part = torch.bmm(mask[:, cols].transpose(1, 2), diff[:, cols].reshape(r, len(cols), s * d)).view(r, k, s, d)
+                # The span of the nodes needed, as a slice: a view of diff, where indexing by `cols`
+                # would copy up to all of it for every input (most of this function's time).
+                lo, hi = int(cols[0]), int(cols[-1]) + 1
+                part = torch.bmm(mask[:, lo:hi].transpose(1, 2), diff[:, lo:hi].reshape(r, hi - lo, s * d)).view(r, k, s, d)
             else:
                 part = torch.zeros(r, k, s, d, device=diff.device)
             delta = running[:, None] - part if use_in else part
