@@ -12,6 +12,7 @@ as a table and chart.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -98,7 +99,9 @@ def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, pre
         splits = [(t.split("{}")[0], u, t.split("{}")[1]) for t, u in zip(rows.template, rows[f"utterance_{side}"])]
         batch = tokenize(model, list(rows[f"prompt_{side}"]), splits, prepend_bos)
         rec = LastTokenRecord(model, [attrs.ids[i][0] for i in candidates]) if record else None
+        started = time.perf_counter()
         logp[side] = score_attributes(model, batch, attrs, batch_size, desc=f"probing {side.upper()}", record=rec)
+        log.info("probing %s: %d prompts, %d attributes in %.1f s", side.upper(), len(batch), len(names), time.perf_counter() - started)
         records[side], lasts[side] = rec and rec.result(), batch.last
     assoc = (logp["aae"] - logp["sae"]).numpy()[:, candidates]
     choices = [names[i] for i in candidates]

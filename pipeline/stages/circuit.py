@@ -14,6 +14,7 @@ Each long part is checkpointed under tensors/.partial/, so a killed run resumes 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -60,8 +61,10 @@ def run(ctx) -> None:
         for method in methods:
             ck = PartCheckpoint(partial / f"circuit_scores_{method}.safetensors", every)
             done, values = ck.load()
+            started = time.perf_counter()
             values = edges.edge_scores(model, score_pairs, metric, method, int(c.ig_steps), bs, done, values,
                                        on_progress=ck, desc=f"circuit scores {method}")
+            log.info("circuit scores %s: %d edges on %d prompts in %.1f s", method, graph.n_edges, n_score, time.perf_counter() - started)
             scores[method] = values
             write_tensors(ctx.tensors / f"circuit_scores_{method}.safetensors", {"per_prompt": values, "mean": values.mean(0)},
                           metadata={"axes": "[prompt, edge]", "method": method, "metric": metric,
@@ -83,8 +86,10 @@ def run(ctx) -> None:
         circuits = torch.cat(list(blocks.values()))
         ck = PartCheckpoint(partial / "circuit_eval.safetensors", every)
         done, values = ck.load()
+        started = time.perf_counter()
         m = edges.evaluate(model, eval_pairs, circuits, metric, bs, rows_per_run, done, values, on_progress=ck,
                            desc=f"circuit evaluation ({len(circuits)} circuits)")
+        log.info("circuit evaluation: %d circuits on %d prompts in %.1f s", len(circuits), n_eval, time.perf_counter() - started)
         split = dict(zip(blocks, torch.split(m, [len(b) for b in blocks.values()])))
         write_tensors(ctx.tensors / "circuit_eval.safetensors", {**{k: v for k, v in split.items()}, "fractions": torch.tensor(fractions),
                                                                  "check_edges": check_edges, **{f"circuit_{k}": blocks[k] for k in methods}},
@@ -94,8 +99,10 @@ def run(ctx) -> None:
         pp = None
         if c.path_patching.enabled:
             n_pp = prompt_count(c.path_patching.prompts, n_eval)
+            started = time.perf_counter()
             pp, pp_anchors = path_patch(model, pairs_all.head(n_pp), metric, c.path_patching.receivers, bs,
                                         rows_per_run, desc="path patching")
+            log.info("path patching into %s: %d prompts in %.1f s", c.path_patching.receivers, n_pp, time.perf_counter() - started)
             write_tensors(ctx.tensors / "path_patching.safetensors", {"normalized": pp},
                           metadata={"axes": "[layer, head, prompt]", "receivers": str(c.path_patching.receivers)})
 

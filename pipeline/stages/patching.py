@@ -10,6 +10,7 @@ scored against the exact sweeps (Pearson r, top-10 overlap).
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -120,6 +121,7 @@ def run(ctx) -> None:
         cells = cells_of(model, pairs, part)
         checkpoint = PartCheckpoint(ctx.tensors / ".partial" / f"patch_{part}.safetensors", pcfg.checkpoint_every)
         done, values = checkpoint.load()
+        started = time.perf_counter()
         try:
             values, _ = run_cells(model, pairs, cells, bs, fast=pcfg.engine == "fast", done=done, values=values,
                                   on_progress=checkpoint, desc=f"patching {part}",
@@ -127,6 +129,7 @@ def run(ctx) -> None:
         except BaseException:  # Ctrl-C, SIGTERM (pipeline/runner.py) or an error: keep the finished cells
             checkpoint.flush()
             raise
+        log.info("patching %s: %d cells on %d prompts in %.1f s", part, len(cells), n_exact, time.perf_counter() - started)
         n_x = axis_size(model, pairs, PARTS[part][1])
         exact[part] = anchors.normalize(values.reshape(model.cfg.n_layers, n_x, len(pairs)))
         write_tensors(ctx.tensors / f"patch_{part}.safetensors", {"normalized": exact[part], "logit_diff": values.reshape(exact[part].shape)},
@@ -137,7 +140,9 @@ def run(ctx) -> None:
     approx = {}
     if pcfg.attribution_patching:
         all_anchors = anchors_for(ctx, len(pairs_all))
+        started = time.perf_counter()
         raw = attribution_patching.estimate(model, pairs_all, parts, bs, desc="attribution patching")
+        log.info("attribution patching: %s on %d prompts in %.1f s", ", ".join(parts), len(pairs_all), time.perf_counter() - started)
         approx = {p: all_anchors.normalize(v) for p, v in raw.items()}
         write_tensors(ctx.tensors / "attrpatch.safetensors", {p: v for p, v in approx.items()},
                       metadata={"axes": "[layer, role-or-head, prompt] over all prompts"})
