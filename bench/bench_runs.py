@@ -17,6 +17,8 @@ matmul on torch's default threads). After a run
 that built a dataset, one plain forward over both guises of it is timed in this process: the
 reference of the target "data+cache+attribution at most 1.2x one plain forward". On a
 machine shared with other jobs, both the peak and the stages vary; the fraction is what compares.
+Each run's line is followed by the seconds of every model pass its log timed (probing per guise,
+each exact patching part, attribution patching, circuit scoring, evaluation, path patching).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,7 +55,18 @@ def measure(args: list[str]) -> dict:
         stages = {k: v.get("seconds") for k, v in manifest["stages"].items()}
         gflop = one_pass_gflop(manifest_path.parent) if manifest["model"]["source"] == "embedded" else None
         plain = plain_pass_seconds(manifest_path.parent, args) if "data" in stages else None
-        return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024, "stages": stages, "pass_gflop": gflop, "plain_s": plain}
+        return {"wall_s": wall, "peak_mb": usage.ru_maxrss / 1024, "stages": stages, "pass_gflop": gflop, "plain_s": plain,
+                "passes": model_passes(manifest_path.parent / "run.log")}
+
+
+PASS_LINE = re.compile(r"\] - (.+?): (.*) in ([0-9.]+) s$")
+
+
+def model_passes(log: Path) -> list[tuple[str, float]]:
+    """(what, seconds) of each model pass the run's log timed (probing per guise, each exact
+    patching part, attribution patching, circuit scoring, evaluation, path patching)."""
+    found = [PASS_LINE.search(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return [(m.group(1), float(m.group(3))) for m in found if m]
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -130,6 +144,8 @@ def main() -> None:
         r = measure(RUNS[name] + args.extra)
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if v is not None)
         print(f"{name:<9}{r['wall_s']:>9.1f}{r['peak_mb']:>10.0f}  {stages}")
+        if r["passes"]:
+            print(f"{'':<9}model passes: " + ", ".join(f"{what} {sec:.0f}" for what, sec in r["passes"]))
         if r["pass_gflop"]:
             plain, probing = r["pass_gflop"]
             floor, probing_floor = plain / peak, probing / peak
