@@ -195,6 +195,13 @@ def align_roles(clean: PromptBatch, corrupted: PromptBatch) -> tuple[list[str], 
     return names, cpos, kpos
 
 
+def length_order(*batches: PromptBatch) -> list[int]:
+    """Prompt indices sorted by length (the longest of each prompt's versions in `batches`), so
+    that micro-batches taken in this order hold prompts of similar length and little padding."""
+    longest = torch.stack([b.last for b in batches]).amax(0)
+    return sorted(range(len(longest)), key=lambda i: int(longest[i]))
+
+
 def micro_batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))

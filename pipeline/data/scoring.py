@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.forward import logits_at, model_device
-from pipeline.prompts import PromptBatch, micro_batches
+from pipeline.prompts import PromptBatch, length_order, micro_batches
 
 PROMPT, PAD = -1, -2  # segment ids: a prompt token, padding; continuations are numbered 0, 1, ...
 MAX_ROW_TOKENS = 512  # longest packed row; more continuations than fit go in further rows
@@ -128,7 +128,7 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
     room = max(max_row_tokens - int(batch.last.max()) - 1, max(len(t) for t in attrs.ids) - 1)
     groups = continuation_groups(attrs.ids, room)
     # Prompts of similar length share a micro-batch (less padding); results go back to batch order.
-    order = sorted(range(len(batch)), key=lambda i: int(batch.last[i]))
+    order = length_order(batch)
     by_length = batch.take(order)
     out = torch.zeros(len(batch), len(attrs.names))
     chunks = list(micro_batches(len(batch), batch_size))

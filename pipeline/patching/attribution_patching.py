@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.forward import last_token_logits, model_device
 from pipeline.metrics import logit_diff
 from pipeline.patching.sweeps import PARTS, all_position_pairs, axis_size
-from pipeline.prompts import PairedPrompts, micro_batches
+from pipeline.prompts import PairedPrompts, length_order, micro_batches
 
 
 def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, desc: str | None = None) -> dict[str, torch.Tensor]:
@@ -34,8 +34,8 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
         p.requires_grad_(False)  # gradients w.r.t. activations only
     try:
         # Prompts of similar length share a micro-batch: in dataset order (templates interleaved)
-        # a quarter of the tokens run would be padding.
-        order = sorted(range(len(pairs)), key=lambda i: max(int(pairs.clean.last[i]), int(pairs.corrupted.last[i])))
+        # a fifth of the tokens run would be padding.
+        order = length_order(pairs.clean, pairs.corrupted)
         for chunk in tqdm(list(micro_batches(len(pairs), batch_size)), desc=desc, disable=desc is None, leave=False):
             idx = order[chunk]
             rows = torch.tensor(idx, dtype=torch.long)
