@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import tools
+from pipeline.errors import PipelineError
 
 PATCH_COLUMNS = ["sweep", "part", "layer", "head", "role", "mean", "sem", "ci_low", "ci_high", "n_prompts"]
 
@@ -187,3 +188,29 @@ def test_an_unknown_statistic_column_is_not_taken_for_a_key(tmp_path):
     assert compare(a, b, "--out", tmp_path / "cmp") == 0
     patch = pd.read_csv(tmp_path / "cmp" / "tables" / "compare_patch_head_out.csv")
     assert len(patch) == 12 and patch["max_abs_diff"].notna().all() and "normalized" not in patch
+
+
+def test_covert_and_overt_runs_side_by_side(tmp_path, tiny_model):
+    """`+task=overt` names the race; compare shows each run's prejudice score, the favorability of
+    its top attributes, its agreement with each study's stereotypes, and the components."""
+    from pipeline.compare import compare as compare_dirs
+    from pipeline.runner import run
+    from conftest import make_cfg
+
+    common = ["model=tiny", "stage.stages=[data,cache,attribution]", "nulls.permutations=50", "nulls.bootstrap=50",
+              "attribution.bootstrap=50"]
+    run(make_cfg([*common, "dataset.max_prompts=8"]), tmp_path / "covert")
+    run(make_cfg([*common, "+task=overt"]), tmp_path / "overt")
+    overt = pd.read_csv(tmp_path / "overt" / "dataset.csv", keep_default_na=False)
+    assert len(overt) == 32 and overt.prompt_aae.str.contains("Black|black|African").all()
+    assert json.loads((tmp_path / "overt" / "tables" / "baseline.json").read_text())["headline"] == "overt prejudice score (favorability)"
+    with pytest.raises(PipelineError, match="different datasets"):
+        compare_dirs([str(tmp_path / "covert"), str(tmp_path / "overt")], str(tmp_path / "refused"), False)
+    out = compare_dirs([str(tmp_path / "covert"), str(tmp_path / "overt")], str(tmp_path / "cmp"), True)
+    scores = pd.read_csv(out / "tables" / "compare_scores.csv")
+    assert list(scores.headline) == ["covert prejudice score (favorability)", "overt prejudice score (favorability)"]
+    assert scores.favorability_aae_top5.notna().all() and scores.one_token_score.notna().all()
+    stereotypes = pd.read_csv(out / "tables" / "compare_stereotypes.csv")
+    assert len(stereotypes) == 10 and set(stereotypes.year) == {1933, 1951, 1969, 2001, 2012}
+    page = (out / "comparison.html").read_text()
+    assert "Behaviour: headline scores and human stereotypes" in page and "<h2>head_attribution</h2>" in page

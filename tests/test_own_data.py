@@ -5,6 +5,7 @@ presets; and the real pair file of Hofmann et al. (2024) where this checkout has
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -201,3 +202,20 @@ def test_readme_examples_are_valid_files(tmp_path):
     assert read_pairs(files[0]).feature.tolist() == ["habitual"] * 5
     assert read_pairs(files[1]).feature.tolist() == ["finna", "aint", "copula_deletion", "aint"]
     assert len(read_templates(files[2])) == 5 and read_attributes(files[3])[2] == "happy-go-lucky"
+
+
+@needs_hofmann
+def test_shipped_ratings_and_stereotypes_are_hofmann_et_als_numbers():
+    """The project's data files carry the published numbers unchanged (users have no ../shared)."""
+    from pipeline.data.ratings import packaged_ratings
+    from pipeline.data.stereotypes import load_stereotypes
+
+    favorability = pd.read_csv(HOFMANN / "favorability.tsv", sep="\t")
+    assert packaged_ratings("favorability") == {a.lower(): float(f) for a, f in zip(favorability.attribute, favorability.favorability)}
+    prestige = pd.read_csv(HOFMANN / "occupation_prestige.tsv", sep="\t")
+    shipped = packaged_ratings("prestige")
+    assert all(shipped[o.lower()] == float(p) for o, p in zip(prestige.occupation, prestige.prestige))
+    studies = pd.read_csv(HOFMANN / "stereotypes.tsv", sep="\t")
+    mine = load_stereotypes()
+    assert mine[["study", "year", "attribute"]].astype(str).values.tolist() == studies[["study", "year", "attribute"]].astype(str).values.tolist()
+    assert np.allclose(mine.score, studies.score)
