@@ -248,3 +248,42 @@ def test_the_page_escapes_what_the_run_holds(tmp_path):
     page = (run_dir / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;b&gt;y&lt;/b&gt;" in page and "&amp;" in page
+
+
+# Appended to a copy of report.html: once every figure's frame has loaded, write each frame's
+# scroll size against its visible size into the page, for --dump-dom to read.
+FRAME_PROBE = """<pre id="frame-sizes">waiting</pre><script>
+window.addEventListener("load", () => setTimeout(() => {
+  const sizes = [...document.querySelectorAll("iframe")].map(f => {
+    const d = f.contentDocument.documentElement;
+    return {src: f.getAttribute("src"), frame: f.clientWidth, sw: d.scrollWidth, cw: d.clientWidth, sh: d.scrollHeight, ch: d.clientHeight};
+  });
+  document.getElementById("frame-sizes").textContent = JSON.stringify(sizes);
+}, 2000));
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("width", [1300, 900])
+def test_every_figure_shows_whole_in_its_frame(run_dir, tmp_path, width):
+    """At a normal window width (and a narrow one) no figure frame scrolls: each figure page
+    fills its frame exactly, wide figures redraw at the column's width."""
+    import json
+
+    from pipeline import figures as figs
+
+    wide = figs.heatmap_grid([[np.zeros((3, 4))] * 5], [""], list("abcde"), ["0", "1", "2", "3"], ["0", "1", "2"],
+                             "five panels", "head", "layer")  # 1900 px wide, like patch_head_parts
+    write_figure(run_dir / "figures" / "patch_head_parts.html", wide)
+    report.run(make_ctx(run_dir))
+    page = (run_dir / "report.html").read_text().replace('loading="lazy"', 'loading="eager"')
+    probe = run_dir / "probe.html"
+    probe.write_text(page.replace("</body>", FRAME_PROBE + "</body>"))
+    done = chromium(tmp_path / "profile", "--allow-file-access-from-files", f"--window-size={width},900", "--dump-dom",
+                    probe.as_uri())
+    found = re.search(r'<pre id="frame-sizes">([^<]*)</pre>', done.stdout)
+    sizes = json.loads(found.group(1).replace("&quot;", '"'))
+    assert len(sizes) == len(list((run_dir / "figures").glob("*.html")))
+    for s in sizes:
+        assert s["sw"] <= s["cw"] and s["sh"] <= s["ch"], s  # nothing to scroll to, either way
+        assert s["frame"] <= width, s
