@@ -45,6 +45,7 @@ MADE_BY = {
     "cache": ("metric", "baseline", "test_prompt"),
     "attribution": ("logit_lens", "layer_attribution", "head_attribution", "top_heads", "attribution", "attention_"),
     "patching": ("patch_", "attrpatch"),
+    "intervene": ("intervention", "intervene", "dialect_directions"),
 }
 
 # ---------------------------------------------------------------- models kept loaded

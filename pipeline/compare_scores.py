@@ -1,7 +1,8 @@
 """The behaviour part of `dialect-circuits compare`: each run's headline score (the AAE - SAE gap
 of its metric, under a rated metric the covert or overt prejudice score) with its interval and
-null band, and Hofmann et al.'s comparisons: the favorability of each run's top AAE- and
-SAE-associated attributes, and its agreement with each study's stereotypes (1933-2012). A covert
+null band, Hofmann et al.'s comparisons (the favorability of each run's top AAE- and
+SAE-associated attributes, and its agreement with each study's stereotypes, 1933-2012), and each
+run's intervention curves (the share of the held-out score its top components remove). A covert
 run (dialect) beside an overt one (race named, `+task=overt`) shows whether the two disagree, as
 Hofmann et al. found; the per-component tables of pipeline/compare.py show which components carry each.
 """
@@ -52,6 +53,41 @@ def stereotype_rows(runs) -> pd.DataFrame:
                 rows.append({"run": run.label, "study": r["name"], "year": r["year"], "agreement": r["agreement"],
                              "chance": r["chance"], "p_perm": r["p_perm"]})
     return pd.DataFrame(rows)
+
+
+def intervention_rows(runs) -> pd.DataFrame:
+    """Every run's intervention curve (tables/intervention_curve.csv), with the run's label."""
+    parts = [pd.read_csv(run.path / "tables" / "intervention_curve.csv").assign(run=run.label) for run in runs
+             if (run.path / "tables" / "intervention_curve.csv").exists()]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def intervention_figure(curves: pd.DataFrame) -> go.Figure:
+    """One panel per intervention kind: each run's share of the held-out score removed by its top
+    components against their number (with the interval), and the band of its random draws."""
+    kinds = list(dict.fromkeys(curves.kind))
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[f"{k}: share of the held-out score removed" for k in kinds],
+                        horizontal_spacing=0.07)
+    for i, (run, group) in enumerate(curves.groupby("run", sort=False)):
+        colour = f"hsl({(i * 137) % 360},65%,42%)"
+        for j, kind in enumerate(kinds, 1):
+            t = group[group.kind == kind].sort_values("size")
+            top = t[t.selection == "top"]
+            rand = t[t.selection.str.startswith("random")].groupby("size").removed
+            if len(rand.min()):
+                lo, hi = rand.min(), rand.max()
+                fig.add_trace(go.Scatter(x=list(lo.index) + list(hi.index[::-1]), y=list(lo) + list(hi[::-1]), fill="toself",
+                                         fillcolor=colour, opacity=0.15, line=dict(width=0), hoverinfo="skip", showlegend=False), 1, j)
+            fig.add_trace(go.Scatter(x=top["size"], y=top.removed, mode="lines+markers", line=dict(color=colour), name=run,
+                                     legendgroup=run, showlegend=j == 1,
+                                     error_y=dict(type="data", symmetric=False, array=top.removed_ci_high - top.removed,
+                                                  arrayminus=top.removed - top.removed_ci_low),
+                                     hovertemplate=f"{run}<br>%{{x}}: removed %{{y:.0%}}<extra></extra>"), 1, j)
+            fig.update_xaxes(type="log", title_text="components removed", row=1, col=j)
+    fig.update_yaxes(tickformat=".0%", title_text="share removed (shaded: random draws)", row=1, col=1)
+    fig.update_layout(title="Removing what each run found, on its held-out prompts", width=max(420 * len(kinds), 900),
+                      height=480, legend=dict(orientation="h", y=-0.25), margin=dict(b=130))
+    return fig
 
 
 def figure(scores: pd.DataFrame, stereotypes: pd.DataFrame) -> go.Figure:
@@ -107,6 +143,10 @@ def score_comparison(runs) -> dict | None:
     tables = {"compare_scores": scores}
     if len(stereotypes):
         tables["compare_stereotypes"] = stereotypes
-    fig = figure(scores, stereotypes)
+    curves = intervention_rows(runs)
+    figs = [figure(scores, stereotypes)]
+    if len(curves):
+        tables["compare_interventions"] = curves
+        figs.append(intervention_figure(curves))
     return {"header": header, "rows": rows, "tables": tables,
-            "figure": Markup(fig.to_html(include_plotlyjs=False, full_html=False))}
+            "figures": [Markup(f.to_html(include_plotlyjs=False, full_html=False)) for f in figs]}

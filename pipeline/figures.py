@@ -218,3 +218,48 @@ def attention_grid(zs: list[np.ndarray], titles: list[str], x: list[str], y: lis
     fig.update_layout(title=title, width=1300, height=340 * rows)
     fig.update_annotations(font_size=10)
     return fig
+
+
+def dose_response(table: pd.DataFrame, score: tuple[float, float, float], metric: str) -> go.Figure:
+    """One column per intervention kind: the held-out score left against the number of components
+    removed (top components with their 95% interval; the random draws' band in grey; the score
+    without intervention dashed), and below it the cost: the KL divergence from the unintervened
+    model on SAE prompts."""
+    kinds = list(dict.fromkeys(table.kind))
+    has_kl = {k: "kl_sae" in table and table[table.kind == k].kl_sae.notna().any() for k in kinds}
+    fig = make_subplots(rows=2, cols=len(kinds), shared_xaxes=False, vertical_spacing=0.14, horizontal_spacing=0.07,
+                        row_heights=[0.62, 0.38],
+                        subplot_titles=[f"{k}: score left" for k in kinds]
+                        + [f"{k}: KL on SAE prompts" if has_kl[k] else f"{k}: SAE prompts unchanged" for k in kinds])
+    titles = {"heads": "heads made dialect-blind", "direction": "layers with the direction removed", "edges": "edges removed"}
+    for j, kind in enumerate(kinds, 1):
+        t = table[table.kind == kind].sort_values("size")
+        top = t[t.selection == "top"]
+        rand = t[t.selection.str.startswith("random")].groupby("size")
+        lo, hi = rand.score_left.min(), rand.score_left.max()
+        if len(lo):
+            fig.add_trace(go.Scatter(x=list(lo.index) + list(hi.index[::-1]), y=list(lo) + list(hi[::-1]), fill="toself",
+                                     fillcolor="rgba(120,120,120,0.3)", line=dict(width=0), name="random (band of draws)",
+                                     showlegend=j == 1, hoverinfo="skip"), 1, j)
+        fig.add_trace(go.Scatter(x=top["size"], y=top.score_left, mode="lines+markers", line=dict(color="#b2182b"),
+                                 name="top (found on discovery prompts)", showlegend=j == 1,
+                                 error_y=dict(type="data", symmetric=False, array=top.score_ci_high - top.score_left,
+                                              arrayminus=top.score_left - top.score_ci_low),
+                                 customdata=np.stack([top.removed, top.removed_ci_low, top.removed_ci_high], -1),
+                                 hovertemplate="%{x}: score left %{y:+.4f}<br>removed %{customdata[0]:.0%} "
+                                               "[%{customdata[1]:.0%}, %{customdata[2]:.0%}]<extra></extra>"), 1, j)
+        fig.add_hline(y=score[0], line_dash="dash", line_color="#444", row=1, col=j)
+        fig.add_hline(y=0, line_dash="dot", line_color="grey", row=1, col=j)
+        if has_kl[kind]:
+            fig.add_trace(go.Scatter(x=top["size"], y=top.kl_sae, mode="lines+markers", line=dict(color="#b2182b"),
+                                     showlegend=False, hovertemplate="%{x}: KL %{y:.4f}<extra></extra>"), 2, j)
+            rk = rand.kl_sae.max()
+            fig.add_trace(go.Scatter(x=list(rk.index), y=list(rk), mode="lines", line=dict(color="#888", dash="dot"),
+                                     name="random (largest KL of the draws)", showlegend=j == 1), 2, j)
+        fig.update_xaxes(type="log", title_text=titles.get(kind, kind), row=2, col=j)
+        fig.update_xaxes(type="log", row=1, col=j)
+    fig.update_yaxes(title_text=f"AAE - SAE ({metric})", row=1, col=1)
+    fig.update_yaxes(title_text="KL (nats)", row=2, col=1)
+    fig.update_layout(title="Does removing it remove the prejudice? Held-out prompts; dashed: the score without intervention",
+                      width=max(420 * len(kinds), 900), height=720, legend=dict(orientation="h", y=-0.12))
+    return fig

@@ -46,7 +46,7 @@ class PromptBatch:
         """The prompts at `index`, in that order, trimmed to their longest."""
         index = list(index)
         idx = torch.as_tensor(index, dtype=torch.long)
-        width = int(self.last[idx].max()) + 1
+        width = int(self.last[idx].max()) + 1 if index else 0
         return PromptBatch([self.prompts[i] for i in index], self.tokens[idx, :width], self.attention_mask[idx, :width],
                            self.last[idx], [self.role_labels[i] for i in index], [self.str_tokens[i] for i in index])
 
@@ -158,11 +158,15 @@ class PairedPrompts:
 
     def head(self, n: int) -> "PairedPrompts":
         """The first n prompts (the patching subset), with the same role columns."""
-        def cut(b: PromptBatch) -> PromptBatch:
-            return PromptBatch(b.prompts[:n], b.tokens[:n], b.attention_mask[:n], b.last[:n], b.role_labels[:n], b.str_tokens[:n])
+        return self.take(range(min(n, len(self))))
 
-        return PairedPrompts(cut(self.clean), cut(self.corrupted), self.answers[:n], self.answer_strs[:n],
-                             self.role_names, self.clean_pos[:n], self.corrupted_pos[:n])
+    def take(self, index) -> "PairedPrompts":
+        """The prompts at `index`, in that order (a split's side, a subset), with the same role columns."""
+        index = list(index)
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return PairedPrompts(self.clean.take(index), self.corrupted.take(index), self.answers[rows],
+                             [self.answer_strs[i] for i in index], self.role_names, self.clean_pos[rows],
+                             self.corrupted_pos[rows])
 
     def role_label(self, r: int) -> str:
         """Role name with the token it holds in the first prompt that has it, for axes."""

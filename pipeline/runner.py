@@ -117,6 +117,26 @@ class RunContext:
         attributes = load_attributes(str(d.get("task") or "traits"), None if d.path else d.get("attributes"))
         return rated_metric(self.cfg.metric, attributes, self.tokenizer[0])
 
+    def side_rows(self, side: str) -> list[int]:
+        """Dataset rows on one side of the split (pipeline/data/splits.py), in dataset order."""
+        from pipeline.data.splits import side_rows
+
+        return side_rows(self.dataset, side)
+
+    @cached_property
+    def discovery(self):
+        """The prompt pairs the analyses find things on (every pair when the dataset has no split)."""
+        return self.pairs.take(self.side_rows("discovery"))
+
+    @cached_property
+    def discovery_dataset(self):
+        return self.dataset.iloc[self.side_rows("discovery")].reset_index(drop=True)
+
+    @cached_property
+    def heldout(self):
+        """The prompt pairs what was found is judged on."""
+        return self.pairs.take(self.side_rows("heldout"))
+
     @cached_property
     def pairs(self):
         from pipeline.data.dataset import pair_prompts
@@ -177,7 +197,7 @@ def refused(path: Path, cfg, err: PipelineError, command: str | None = None) -> 
     write_json(path, data)
 
 
-STAGES = ("data", "cache", "attribution", "patching", "circuit", "report")
+STAGES = ("data", "cache", "attribution", "patching", "circuit", "intervene", "report")
 
 
 def stage_function(name: str):

@@ -17,10 +17,12 @@ def faithfulness_curves(curves: dict, fractions, title: str, names: dict | None 
     x = [float(f) * 100 for f in fractions]
     for i, (key, s) in enumerate(curves.items()):
         label = (names or {}).get(key, key)
-        colour = COLOURS.get(key, f"hsl({(i * 67) % 360},60%,45%)")
+        family = key.removesuffix(" (held-out)")  # a held-out curve: the family's colour, dashed
+        colour = COLOURS.get(family, f"hsl({(i * 67) % 360},60%,45%)")
         fig.add_trace(go.Scatter(x=x + x[::-1], y=list(s["ci_high"]) + list(s["ci_low"])[::-1], fill="toself",
                                  line={"width": 0}, fillcolor=colour, opacity=0.15, hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=x, y=s["faithfulness"], mode="lines+markers", line={"color": colour},
+        fig.add_trace(go.Scatter(x=x, y=s["faithfulness"], mode="lines+markers",
+                                 line={"color": colour, "dash": "dash" if family != key else "solid"},
                                  name=f"{label}: CPR {s['cpr']:.2f}, CMD {s['cmd']:.2f}"))
     fig.add_hline(y=1.0, line_dash="dot", annotation_text="full model")
     fig.add_hline(y=0.8, line_dash="dash", line_color="#999", annotation_text="0.8")

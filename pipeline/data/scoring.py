@@ -117,11 +117,14 @@ def _positions_within(ids: list[list[int]], group: list[int]) -> torch.Tensor:
 
 
 def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_size: int,
-                     desc: str | None = None, max_row_tokens: int = MAX_ROW_TOKENS, record=None) -> torch.Tensor:
+                     desc: str | None = None, max_row_tokens: int = MAX_ROW_TOKENS, record=None,
+                     hooks_for=None) -> torch.Tensor:
     """[prompts, attributes] log p(attribute | prompt), each attribute's whole token sequence.
     `record` (pipeline.attribution.LastTokenRecord) rides on the pass that holds the prompts and
     keeps what the attribution stage reads at their last tokens: the prompt positions of a packed
-    row compute exactly what a plain run of the prompt does."""
+    row compute exactly what a plain run of the prompt does. `hooks_for(index)` gives hooks for the
+    micro-batch of prompts `index` (an intervention, pipeline/interventions.py), applied to every
+    forward of that micro-batch; the prompt positions of its rows are those of a plain batch."""
     device = model_device(model)
     pad_id = model.tokenizer.pad_token_id
     first = torch.tensor([t[0] for t in attrs.ids])
@@ -135,6 +138,7 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
     with torch.no_grad():
         for rows in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
             mb, index = by_length.slice(rows), torch.tensor(order[rows])
+            extra = hooks_for(index) if hooks_for is not None else []
             for g, group in enumerate(groups):
                 tokens, positions, mask, offsets, targets, owners = packed_rows(mb, attrs.ids, group, pad_id)
                 # Logits only where something is read: the first token of every attribute at the
@@ -142,10 +146,10 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
                 where = (mb.last + 1)[:, None] + offsets[None, :]
                 if g == 0:
                     where = torch.cat([mb.last[:, None], where], 1)
-                hooks = record.hooks(mb.last) if record is not None and g == 0 else ()
+                hooks = [*(record.hooks(mb.last) if record is not None and g == 0 else ()), *extra]
                 logits = logits_at(model, tokens.to(device), where, hooks, attention_mask=mask.to(device),
                                    position_ids=positions.to(device)).float().cpu()
-                if hooks:
+                if record is not None and g == 0:
                     record.collect(index)
                 if g == 0:
                     out[index] += torch.log_softmax(logits[:, 0], -1)[:, first]
@@ -153,7 +157,7 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
                 if len(offsets):
                     logp = torch.log_softmax(logits, -1).gather(-1, targets.expand(len(mb), -1)[..., None])[..., 0]
                     out[index] += torch.zeros(len(mb), len(attrs.names)).index_add_(1, owners, logp)
-            if rows.start == 0:
+            if rows.start == 0 and hooks_for is None:
                 _check_against_plain(model, mb, attrs, out[index])
     return out
 

@@ -47,7 +47,6 @@ def run(ctx) -> None:
         log.info("attribution: direct logit attribution decomposes a linear metric; under metric=%s it decomposes the "
                  "answers' logit difference", cfg.metric.name)
     bs, n_boot, seed = int(cfg.batch_size), int(cfg.attribution.bootstrap), int(cfg.seed)
-    features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
 
     results = from_probing(ctx)
@@ -74,15 +73,22 @@ def run(ctx) -> None:
 
     # Tables: one row per component, clean and corrupted side by side, and their difference per
     # prompt (side "difference"): what the dialect changes in each component, whose sign-flip test
-    # over pairs is the guise-swap null of that component.
+    # over pairs is the guise-swap null of that component. Rankings are made on the discovery side
+    # of the split (pipeline/data/splits.py); the tensors above hold every prompt.
+    rows = ctx.side_rows("discovery")
+    found = {side: {key: r[key][..., rows] for key in ("logit_lens", "layer", "head")} for side, r in results.items()}
+    dataset = ctx.discovery_dataset
+    features = list(dataset["feature"]) if "feature" in dataset else None
+    log.info("attribution: tables and rankings on the %d discovery prompts of %d", len(rows), len(pairs))
+
     def table(key, keys):
         parts = []
-        sides = {side: r[key] for side, r in results.items()}
-        sides["difference"] = results["clean"][key] - results["corrupted"][key]
+        sides = {side: r[key] for side, r in found.items()}
+        sides["difference"] = found["clean"][key] - found["corrupted"][key]
         for side, v in sides.items():
             values = v.reshape(-1, v.shape[-1])
             parts.append(summary_table(values, keys.assign(side=side), features, n_boot, seed,
-                                       int(cfg.nulls.permutations), float(cfg.nulls.fdr), units_of(ctx.dataset)))
+                                       int(cfg.nulls.permutations), float(cfg.nulls.fdr), units_of(dataset)))
         return pd.concat(parts, ignore_index=True)
 
     lens = table("logit_lens", pd.DataFrame({"component": labels["logit_lens"]}))
@@ -97,7 +103,7 @@ def run(ctx) -> None:
 
     # The heads shown with their attention: the largest positive and negative clean - corrupted
     # difference, what the dialect changes in each head's direct contribution.
-    difference = results["clean"]["head"] - results["corrupted"]["head"]
+    difference = found["clean"]["head"] - found["corrupted"]["head"]
     diff_mean = summarize(difference, n_boot, seed)
     k = int(cfg.attribution.top_k_heads)
     positive, negative = top_heads(diff_mean["mean"], k, +1), top_heads(diff_mean["mean"], k, -1)

@@ -39,7 +39,9 @@ def prompt_count(value, n_all: int) -> int:
 
 
 def run(ctx) -> None:
-    cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.pairs
+    # Edges are scored on the discovery side of the split (pipeline/data/splits.py); the circuits
+    # are evaluated there and on held-out prompts, to see whether they generalize.
+    cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.discovery
     c = cfg.circuit
     metric = check_metric(str(cfg.metric.name))
     edges.check_method(str(c.method), metric)
@@ -49,6 +51,7 @@ def run(ctx) -> None:
         methods.append(other)
     n_score = prompt_count(c.score_prompts, len(pairs_all))
     n_eval = min(prompt_count(c.eval_prompts, len(pairs_all)), n_score)
+    n_heldout = prompt_count(c.heldout_prompts, len(ctx.heldout)) if len(ctx.heldout) and c.heldout_prompts != 0 else 0
     bs, rows_per_run, every = int(c.batch_size), int(c.rows_per_run), int(c.checkpoint_every)
     partial = ctx.tensors / ".partial"
 
@@ -96,6 +99,21 @@ def run(ctx) -> None:
                       metadata={"axes": "[circuit, prompt]", "metric": metric})
         ck.remove()
 
+        heldout = None
+        if n_heldout:  # the same circuits (found on discovery prompts) on prompts they were not found on
+            held_blocks = {k: blocks[k] for k in ("full", "empty", methods[0], "random")}
+            ck = PartCheckpoint(partial / "circuit_eval_heldout.safetensors", every)
+            done, values = ck.load()
+            started = time.perf_counter()
+            mh = edges.evaluate(model, ctx.heldout.head(n_heldout), torch.cat(list(held_blocks.values())), metric, bs,
+                                rows_per_run, done, values, on_progress=ck, desc="circuit evaluation (held-out)")
+            log.info("circuit evaluation on held-out prompts: %d circuits on %d prompts in %.1f s",
+                     sum(len(b) for b in held_blocks.values()), n_heldout, time.perf_counter() - started)
+            heldout = dict(zip(held_blocks, torch.split(mh, [len(b) for b in held_blocks.values()])))
+            write_tensors(ctx.tensors / "circuit_eval_heldout.safetensors", {**heldout, "fractions": torch.tensor(fractions)},
+                          metadata={"axes": "[circuit, prompt]", "metric": metric, "prompts": "held-out"})
+            ck.remove()
+
         pp = None
         if c.path_patching.enabled:
             n_pp = prompt_count(c.path_patching.prompts, n_eval)
@@ -108,7 +126,8 @@ def run(ctx) -> None:
                                     "effect": "metric units: patched - corrupted", "gap": str(pp_anchors.gap)})
             pp = (pp, pp_anchors.gap)
 
-    write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric)
+    write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric,
+                  heldout, n_heldout)
 
 
 def edge_sample(scores: torch.Tensor, top: int, n_random: int, seed: int) -> torch.Tensor:
@@ -133,7 +152,8 @@ def agreement(exact: np.ndarray, approx: np.ndarray, k: int) -> dict:
     return {"pearson_r": r, "spearman_r": rho, "top_k": k, "top_k_overlap": overlap, "n_edges": int(ok.sum())}
 
 
-def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric) -> None:
+def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric,
+                  heldout=None, n_heldout=0) -> None:
     cfg, c = ctx.cfg, ctx.cfg.circuit
     n_boot, seed = int(c.bootstrap), int(cfg.seed)
     names = graph.edge_names()
@@ -144,20 +164,23 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     order = torch.argsort(scores[main].mean(0).abs(), descending=True)[: int(c.top_edges)]
     keys = pd.DataFrame({"score_rank": np.arange(1, len(order) + 1), "edge": [names[i] for i in order.tolist()],
                          "upstream": [graph.up_names[int(up[i])] for i in order], "downstream": [graph.down_names[int(down[i])] for i in order]})
-    features = list(ctx.dataset["feature"][:n_score]) if "feature" in ctx.dataset else None
+    features = list(ctx.discovery_dataset["feature"][:n_score]) if "feature" in ctx.discovery_dataset else None
     table = summary_table(scores[main][:, order].T, keys, features, n_boot, seed)
     table.insert(4, "method", main)
     write_table(ctx.tables / "circuit_edges.csv", table)
 
-    # Faithfulness curves.
+    # Faithfulness curves: on the discovery prompts the edges were scored on, and on held-out ones.
     full, empty = split["full"][0], split["empty"][0]
-    curves, rows = {}, []
-    for name in [*methods, "random"]:
-        s = curve_summary(fractions, split[name], full, empty, n_boot, seed)
-        curves[name] = s
-        for i, f in enumerate(fractions):
-            rows.append({"circuit": name, "fraction": f, "edges": counts[i], "faithfulness": s["faithfulness"][i],
-                         "ci_low": s["ci_low"][i], "ci_high": s["ci_high"][i], "metric_mean": float(split[name][i].mean())})
+    curves, curves_heldout, rows = {}, {}, []
+    for prompts, values, names_ in (("discovery", split, [*methods, "random"]),
+                                     ("heldout", heldout or {}, [methods[0], "random"] if heldout else [])):
+        for name in names_:
+            s = curve_summary(fractions, values[name], values["full"][0], values["empty"][0], n_boot, seed)
+            (curves if prompts == "discovery" else curves_heldout)[name] = s
+            for i, f in enumerate(fractions):
+                rows.append({"prompts": prompts, "circuit": name, "fraction": f, "edges": counts[i],
+                             "faithfulness": s["faithfulness"][i], "ci_low": s["ci_low"][i], "ci_high": s["ci_high"][i],
+                             "metric_mean": float(values[name][i].mean())})
     write_table(ctx.tables / "circuit_faithfulness.csv", pd.DataFrame(rows))
 
     # Scores against exact single-edge patching (same prompts).
@@ -176,23 +199,31 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
         "m_full": float(full.mean()), "m_empty": float(empty.mean()),
         "curves": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"], "size_at_0.8": v["size_at_0.8"]}
                    for k, v in curves.items()},
+        "heldout_prompts": n_heldout,
+        "curves_heldout": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"],
+                               "size_at_0.8": v["size_at_0.8"]} for k, v in curves_heldout.items()},
+        "m_full_heldout": float(heldout["full"][0].mean()) if heldout else None,
+        "m_empty_heldout": float(heldout["empty"][0].mean()) if heldout else None,
         "edge_agreement": agree.to_dict("records"),
     }
     summary["empty_vs_corrupted"] = empty_gap(ctx, empty, metric, n_eval)
     best = max(methods, key=lambda k: curves[k]["cpr"])
     summary["winner"] = best
     write_json(ctx.tables / "circuit_summary.json", summary)
-    for k in [*methods, "random"]:
-        v = curves[k]
-        log.info("circuit %s: CPR %.3f [%.3f, %.3f], CMD %.3f [%.3f, %.3f], faithfulness >= 0.8 at %s of edges",
-                 k, v["cpr"], *v["cpr_ci"], v["cmd"], *v["cmd_ci"], v["size_at_0.8"])
+    for prompts, family in (("discovery", curves), ("held-out", curves_heldout)):
+        for k, v in family.items():
+            log.info("circuit %s on %s prompts: CPR %.3f [%.3f, %.3f], CMD %.3f [%.3f, %.3f], faithfulness >= 0.8 at %s of edges",
+                     k, prompts, v["cpr"], *v["cpr_ci"], v["cmd"], *v["cmd_ci"], v["size_at_0.8"])
     for r in agree.itertuples():
         log.info("circuit scores %s vs exact edge patching: Pearson r %.3f, Spearman %.3f, top-%d overlap %d",
                  r.method, r.pearson_r, r.spearman_r, r.top_k, r.top_k_overlap)
 
+    shown = {k: curves[k] for k in [*methods, "random"]}
+    shown.update({f"{k} (held-out)": v for k, v in curves_heldout.items()})
+    held = f" and {n_heldout} held-out prompts (dashed)" if curves_heldout else ""
     write_figure(ctx.figures / "circuit_faithfulness.html", plots.faithfulness_curves(
-        {k: curves[k] for k in [*methods, "random"]}, fractions,
-        f"Faithfulness of the top-|score| circuits ({n_eval} prompts, {metric}, {cfg.direction.name})"))
+        shown, fractions, f"Faithfulness of the top-|score| circuits ({n_eval} discovery prompts{held}; {metric}, "
+                          f"{cfg.direction.name})"))
     write_figure(ctx.figures / "circuit_edge_agreement.html", figures.scatter_agreement(
         points, f"Edge scores against exact single-edge patching ({n_eval} prompts)",
         f"exact: m(full) - m(full without the edge), {metric}", "edge score (EAP, EAP-IG)"))
@@ -226,5 +257,5 @@ def empty_gap(ctx, empty: torch.Tensor, metric: str, n_eval: int) -> dict:
     path = ctx.tensors / "baseline.safetensors"
     if metric not in LINEAR_METRICS or not path.exists():
         return {"note": "compared only for a linear metric (logit_diff, favorability, prestige) with the cache stage's baseline"}
-    corrupted = read_tensors(path)["corrupted_metric"][:n_eval]
+    corrupted = read_tensors(path)["corrupted_metric"][torch.as_tensor(ctx.side_rows("discovery")[:n_eval])]
     return {"mean_abs_gap": float((empty - corrupted).abs().mean()), "max_abs_gap": float((empty - corrupted).abs().max())}

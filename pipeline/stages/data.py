@@ -22,6 +22,7 @@ from pipeline.data.builder import association_table, build_rows, interleave, pro
 from pipeline.data.dataset import SEED_COLUMNS, metric_answers, one_token_answers, select
 from pipeline.data.ratings import score_name
 from pipeline.data.resources import load_attributes, load_pairs, load_templates
+from pipeline.data.splits import DISCOVERY, HELDOUT, assign_split
 from pipeline.data.stereotypes import stereotype_agreement
 from pipeline.errors import PipelineError
 from pipeline.metrics import AnswerWeights
@@ -93,6 +94,11 @@ def run(ctx) -> None:
         log.info("dataset: built %d prompts over %d features (task %s, %d attributes), answers by rule %s; top "
                  "AAE-associated attributes: %s", len(df), df.feature.nunique(), task, len(names), cfg.answers,
                  ", ".join(table.attribute.head(5)))
+    if "split" not in df.columns:  # a CSV may bring its own sides
+        df["split"] = assign_split(df, float(cfg.split.heldout), str(cfg.split.by), int(ctx.cfg.seed))
+    sides = df["split"].value_counts().to_dict()
+    log.info("split: %d discovery and %d held-out prompts (dataset.split.heldout=%s, by %s)", sides.get(DISCOVERY, 0),
+             sides.get(HELDOUT, 0), cfg.split.heldout, cfg.split.by)
     ordered = SEED_COLUMNS + [c for c in df.columns if c not in SEED_COLUMNS]
     write_table(ctx.run_dir / "dataset.csv", df[ordered])
 

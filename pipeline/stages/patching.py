@@ -6,8 +6,8 @@ metric: 0 = corrupted performance, 1 = clean); a small gap makes the normalized 
 effect in metric units is not.
 
 Exact sweeps (resid_pre, block, head_out, head_parts) run on the first `patching.max_prompts`
-prompts with the engine of `patching.engine`, checkpointed so a killed run resumes without
-redoing finished cells; attribution patching estimates the same cells on every prompt and is
+discovery prompts (pipeline/data/splits.py) with the engine of `patching.engine`, checkpointed so a killed run resumes without
+redoing finished cells; attribution patching estimates the same cells on every discovery prompt and is
 scored against the exact sweeps (Pearson r, top-10 overlap).
 """
 
@@ -64,10 +64,11 @@ class PartCheckpoint:
         self.path.unlink(missing_ok=True)
 
 
-def anchors_for(ctx, n: int) -> Anchors:
-    """Mean clean and corrupted metric of the first n prompts (from the cache stage)."""
+def anchors_for(ctx, rows: list[int]) -> Anchors:
+    """Mean clean and corrupted metric of the dataset rows `rows` (from the cache stage)."""
     base = read_tensors(ctx.tensors / "baseline.safetensors")
-    anchors = Anchors.from_values(base["clean_metric"][:n], base["corrupted_metric"][:n])
+    index = torch.as_tensor(rows, dtype=torch.long)
+    anchors = Anchors.from_values(base["clean_metric"][index], base["corrupted_metric"][index])
     if abs(anchors.clean - anchors.corrupted) < 1e-6:
         raise PipelineError("clean and corrupted mean metric are equal on the patching prompts: the normalized metric is undefined")
     return anchors
@@ -113,18 +114,20 @@ def hover_text(table: pd.DataFrame, shape) -> np.ndarray:
 def run(ctx) -> None:
     check_metric(str(ctx.cfg.metric.name), LINEAR_METRICS,
                  "the patching stage (its fast engine projects on the metric's direction; use stage=circuit for other metrics)")
-    cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.pairs
+    # Everything here is found on the discovery side of the split (pipeline/data/splits.py).
+    cfg, model, pairs_all, dataset = ctx.cfg, ctx.model, ctx.discovery, ctx.discovery_dataset
+    rows = ctx.side_rows("discovery")
     pcfg = cfg.patching
     sweeps = check_sweeps(pcfg.sweeps)
     if pcfg.engine not in ("fast", "reference"):
         raise PipelineError(f"patching.engine={pcfg.engine!r} is not one of fast, reference")
     n_exact = len(pairs_all) if pcfg.max_prompts is None else min(int(pcfg.max_prompts), len(pairs_all))
     pairs = pairs_all.head(n_exact)
-    anchors = anchors_for(ctx, n_exact)
-    features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
+    anchors = anchors_for(ctx, rows[:n_exact])
+    features = list(dataset["feature"]) if "feature" in dataset else None
     bs, n_boot, seed = int(cfg.batch_size), int(pcfg.bootstrap), int(cfg.seed)
     n_perm, alpha = int(cfg.nulls.permutations), float(cfg.nulls.fdr)
-    log.info("patching: exact sweeps %s on %d prompts (%s engine), anchors clean %.4f corrupted %.4f",
+    log.info("patching: exact sweeps %s on %d discovery prompts (%s engine), anchors clean %.4f corrupted %.4f",
              sweeps, n_exact, pcfg.engine, anchors.clean, anchors.corrupted)
 
     parts = list(dict.fromkeys(p for s in sweeps for p in SWEEPS[s]))
@@ -154,7 +157,7 @@ def run(ctx) -> None:
 
     approx = {}
     if pcfg.attribution_patching:
-        all_anchors = anchors_for(ctx, len(pairs_all))
+        all_anchors = anchors_for(ctx, rows)
         started = time.perf_counter()
         raw = attribution_patching.estimate(model, pairs_all, parts, bs, desc="attribution patching")
         log.info("attribution patching: %s on %d prompts in %.1f s", ", ".join(parts), len(pairs_all), time.perf_counter() - started)
@@ -170,10 +173,10 @@ def run(ctx) -> None:
         for part in SWEEPS[sweep]:
             labels, axis = axis_labels(model, pairs, part), PARTS[part][1]
             tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed,
-                                     n_perm, alpha, units_of(ctx.dataset, n_exact), anchors.gap))
+                                     n_perm, alpha, units_of(dataset, n_exact), anchors.gap))
             if approx:
                 ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed, n_perm, alpha,
-                                            units_of(ctx.dataset), all_anchors.gap))
+                                            units_of(dataset), all_anchors.gap))
                 # Agreement on the prompts both ran on.
                 ap_sub = anchors.effect(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
                 ex = exact[part].nanmean(-1).flatten().numpy()

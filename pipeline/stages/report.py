@@ -93,6 +93,10 @@ CAPTIONS = {
                      "Red edges push the metric toward the clean answer, blue against it; thicker = larger score.",
     "circuit_edge_agreement": "Each edge's score (EAP, EAP-IG) against the exact effect of corrupting that one edge: "
                               "points on the diagonal mean the cheap score can be trusted for that edge.",
+    "intervention_dose_response": "Top: the held-out score left after removing the top components found on discovery "
+                                  "prompts (red, 95% interval) and random components of the same size (grey band of the "
+                                  "draws), against how many were removed; dashed: the score without intervention, dotted: "
+                                  "0. Bottom: the cost, the KL divergence from the unintervened model on SAE prompts.",
     "path_patching": "Path patching: each head's clean output sent to the receivers with every other head frozen at its "
                      "corrupted output: the effect on the metric through that path alone (0 = no effect; hover for the "
                      "normalized value).",
@@ -118,7 +122,7 @@ FIGURE_GROUPS = [
 PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution patching", "Other figures"]
 
 # Figures shown in the dataset and baseline sections rather than among the others.
-SHOWN_EARLIER = {"attribute_association", "baseline_metric", "stereotype_agreement"}
+SHOWN_EARLIER = {"attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
 # Figures shown in the circuit section.
 CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching")
 
@@ -443,6 +447,33 @@ def circuit_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     return [Section("circuit", "Circuit", "report/circuit.html.j2", data)]
 
 
+def intervene_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """Does removing it remove the prejudice? The intervene stage's numbers, the dose-response
+    figure, and whether the circuit generalizes to held-out prompts."""
+    path = run_dir / "tables" / "intervention_summary.json"
+    if not path.exists():
+        return []
+    summary = read_json(path)
+    generalization = []
+    circuit = run_dir / "tables" / "circuit_summary.json"
+    if circuit.exists():
+        c = read_json(circuit)
+        for prompts, curves in (("discovery", c.get("curves", {})), ("held-out", c.get("curves_heldout", {}))):
+            for name, v in curves.items():
+                if name in (c["methods"][0], "random"):
+                    generalization.append([name, prompts, v["cpr"], f"[{v['cpr_ci'][0]:.3f}, {v['cpr_ci'][1]:.3f}]", v["cmd"],
+                                           f"[{v['cmd_ci'][0]:.3f}, {v['cmd_ci'][1]:.3f}]",
+                                           "never" if v["size_at_0.8"] is None else f"{100 * v['size_at_0.8']:.3g}%"])
+    associations = [[r["intervention"], int(r["prompts"]), r["correlation_with_none"], r["top5_aae"], r["favorability_top5_aae"]]
+                    for r in summary.get("associations", [])]
+    tasks = [[r["task"], r["answers"], r["intervention"], int(r["prompts"]), r["gap"], f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"]
+             for r in summary.get("tasks", [])]
+    fig = run_dir / "figures" / "intervention_dose_response.html"
+    data = {"s": summary, "generalization": generalization, "associations": associations, "tasks": tasks,
+            "figure": figure(fig) if fig.exists() else None}
+    return [Section("intervene", "Does removing it remove the prejudice?", "report/intervene.html.j2", data, nav="Removal")]
+
+
 def files_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     """Relative links to the run's tables and tensors."""
     folders = []
@@ -523,7 +554,7 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
 
 # The page's sections in order; each returns [] when the run holds nothing for it.
 SECTIONS = [headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
-            figure_sections, circuit_section, files_section]
+            figure_sections, circuit_section, intervene_section, files_section]
 
 
 # ---------------------------------------------------------------- the page
