@@ -110,7 +110,7 @@ def test_bom_crlf_extra_columns_and_repeated_rows_are_accepted(tmp_path, tiny_mo
     run_dir = only_run_dir(tmp_path)
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     dataset = pd.read_csv(run_dir / "dataset.csv", dtype=str, keep_default_na=False)
-    assert list(dataset.columns) == (HEADER + extra).split(",") and len(dataset) == 4
+    assert list(dataset.columns) == (HEADER + extra).split(",") + ["split"] and len(dataset) == 4
     assert dataset.template.tolist() == ["0", "1", "0", "2"] and dataset.notes[0] == 'a note, with "quotes"\r\nand a line break'
 
 
@@ -131,7 +131,7 @@ CONFIG_CASES = {
                       "sweep 'heads'; accepted: any of resid_pre, block, head_out, head_parts"),
     "unknown-model": (["model=no-such-model"], "unknown model 'no-such-model': choose from gpt2-small, smollm2-135m, tiny "
                       "(or keep a model config and set model.name=<hub name or local dir>)"),
-    "unknown-stage": (["stage=no-such-stage"], "unknown stage 'no-such-stage': choose from all, attribution, cache, circuit, data, patching, report"),
+    "unknown-stage": (["stage=no-such-stage"], "unknown stage 'no-such-stage': choose from all, attribution, cache, circuit, data, intervene, patching, report"),
 }
 
 

@@ -18,7 +18,10 @@ def test_embedded_model_end_to_end(tmp_path):
     result = run_cli(["dataset.max_prompts=6", "patching.max_prompts=2", "patching.sweeps=[resid_pre,head_out]",
                       "attribution.bootstrap=200", "patching.bootstrap=200", "circuit.score_prompts=2",
                       "circuit.eval_prompts=2", "circuit.ig_steps=2", "circuit.n_sizes=3", "circuit.edge_check.top=3",
-                      "circuit.edge_check.random=3", "circuit.path_patching.prompts=1", "circuit.bootstrap=200"],
+                      "circuit.edge_check.random=3", "circuit.path_patching.prompts=1", "circuit.bootstrap=200",
+                      "circuit.heldout_prompts=2", "intervene.prompts=3", "intervene.n_sizes=2", "intervene.random_draws=1",
+                      "intervene.direction_prompts=3", "intervene.edge_prompts=2", "intervene.association_prompts=2",
+                      "intervene.task_prompts=2", "intervene.bootstrap=100"],
                      cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -26,7 +29,7 @@ def test_embedded_model_end_to_end(tmp_path):
     assert manifest["status"] == "complete"
     assert manifest["model"]["source"] == "embedded" and manifest["device"] == "cpu"
     assert all(s["status"] == "done" for s in manifest["stages"].values())
-    assert set(manifest["stages"]) == {"data", "cache", "attribution", "patching", "circuit", "report"}
+    assert set(manifest["stages"]) == {"data", "cache", "attribution", "patching", "circuit", "intervene", "report"}
     circuit = json.loads((run_dir / "tables" / "circuit_summary.json").read_text())
     assert circuit["n_edges"] == 70651 and circuit["n_nodes"] == 302  # SmolLM2: 30 layers, 9 query and 3 key/value heads
     dataset = pd.read_csv(run_dir / "dataset.csv")
@@ -36,7 +39,9 @@ def test_embedded_model_end_to_end(tmp_path):
     for name in ("report.html", "run.log", ".hydra/config.yaml", "tables/metric.csv", "tables/test_prompt.txt",
                  "tables/attribute_association.csv", "tables/head_attribution.csv", "tables/patch_resid_pre.csv",
                  "tables/attrpatch_agreement.csv", "tensors/patch_resid_pre.safetensors",
-                 "figures/logit_lens.html", "figures/patch_head_out.html", "figures/attention_top_heads.html"):
+                 "figures/logit_lens.html", "figures/patch_head_out.html", "figures/attention_top_heads.html",
+                 "tables/intervention_curve.csv", "tables/intervention_summary.json", "tables/intervention_tasks.csv",
+                 "figures/intervention_dose_response.html", "tables/prejudice_score.csv", "tables/stereotype_agreement.csv"):
         assert (run_dir / name).exists(), name
     association = pd.read_csv(run_dir / "tables" / "attribute_association.csv")
     assert len(association) == 83 and (association.n_tokens > 1).sum() == 37  # multi-token adjectives scored too
@@ -44,6 +49,9 @@ def test_embedded_model_end_to_end(tmp_path):
     heads = pd.read_csv(run_dir / "tables" / "head_attribution.csv")
     assert len(heads) == 30 * 9 and (heads.ci_low <= heads["mean"]).all() and (heads["mean"] <= heads.ci_high).all()
     assert "layer attribution closes" in (run_dir / "run.log").read_text()
+    assert set(dataset.split) == {"discovery", "heldout"}
+    page = (run_dir / "report.html").read_text()
+    assert "Does removing it remove the prejudice?" in page and "Covert prejudice score (favorability)" in page
 
 
 @pytest.mark.parametrize("metric", ["favorability", "logit_diff"])

@@ -2,7 +2,8 @@
 discovery side, and judged on the held-out side (held-out circuit faithfulness, the intervene
 stage).
 
-By default half of the base pairs of each dialect feature are held out: a base pair is its
+By default half of the base pairs of each dialect feature are held out (at least one unit on each
+side): a base pair is its
 `pair_id`, so its he/she/they variants and all its templates stay on one side, and every feature
 is on both sides. `dataset.split.by=template` holds out templates instead (every pair in them).
 Seeded by `seed`; written into dataset.csv as the column `split`.
@@ -21,7 +22,7 @@ BY = ("pair", "template")
 
 def assign_split(df: pd.DataFrame, heldout: float, by: str, seed: int) -> pd.Series:
     """Each row's side. The units are base pairs (`pair_id`; rows without one are their own unit),
-    shuffled within each feature, the first round(heldout x units) of each held out; or templates."""
+    stratified by feature, or templates."""
     if by not in BY:
         raise PipelineError(f"dataset.split.by={by!r} is not one of {', '.join(BY)}")
     if not 0 <= heldout < 1:
@@ -34,11 +35,19 @@ def assign_split(df: pd.DataFrame, heldout: float, by: str, seed: int) -> pd.Ser
         has_pairs = "pair_id" in df and df["pair_id"].astype(bool).all()
         unit_of = df["pair_id"].astype(str) if has_pairs else pd.Series([f"row{i}" for i in range(len(df))], index=df.index)
         strata = df["feature"].astype(str) if "feature" in df else pd.Series("", index=df.index)
+    # Units shuffled within each stratum, then taken round-robin across strata: the first
+    # round(heldout x units) of that order are held out, so each stratum gives its share (and
+    # with one unit per stratum, the strata alternate). At least one unit stays on each side.
     rng = np.random.default_rng(seed)
-    held = set()
+    shuffled = []
     for stratum in sorted(strata.unique()):
         names = np.array(sorted(set(unit_of[strata == stratum])))
-        held.update(names[rng.permutation(len(names))[: int(round(heldout * len(names)))]].tolist())
+        shuffled.append(list(names[rng.permutation(len(names))]))
+    order = [group[i] for i in range(max(map(len, shuffled))) for group in shuffled if i < len(group)]
+    n_held = int(round(heldout * len(order)))
+    if heldout > 0 and len(order) > 1:
+        n_held = min(max(n_held, 1), len(order) - 1)
+    held = set(order[:n_held])
     return pd.Series(np.where(unit_of.isin(held), HELDOUT, DISCOVERY), index=df.index, name="split")
 
 

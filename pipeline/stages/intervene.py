@@ -179,12 +179,13 @@ def run(ctx) -> None:
     interventions, labels = {}, {}
     g = torch.Generator().manual_seed(seed)
     all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    size = min(int(icfg.size), len(all_heads))  # the number of heads the report quotes
 
     if "heads" in icfg.kinds:
         ranked, source = head_ranking(ctx)
         log.info("intervene: heads ranked by %s; top 5: %s", source, ", ".join(f"L{l}H{h}" for l, h in ranked[:5]))
         labels["heads"] = {}
-        for k in log_sizes(len(all_heads), icfg.n_sizes, [icfg.size]):
+        for k in log_sizes(len(all_heads), icfg.n_sizes, [size]):
             interventions[f"heads/top/{k}"] = ComponentSwap(ranked[:k], mode=str(icfg.mode))
             labels["heads"][f"heads/top/{k}"] = ("top", k)
             for d in range(draws):
@@ -234,14 +235,15 @@ def run(ctx) -> None:
 
     chosen = {"none": None}
     if "heads" in icfg.kinds:
-        chosen[f"heads/top/{int(icfg.size)}"] = interventions[f"heads/top/{int(icfg.size)}"]
-        chosen[f"heads/random0/{int(icfg.size)}"] = interventions.get(f"heads/random0/{int(icfg.size)}")
+        chosen[f"heads/top/{size}"] = interventions[f"heads/top/{size}"]
+        if f"heads/random0/{size}" in interventions:
+            chosen[f"heads/random0/{size}"] = interventions[f"heads/random0/{size}"]
     if direction_layers:
         chosen[f"direction/top/{n_layers}"] = interventions[f"direction/top/{n_layers}"]
     associations = association_change(ctx, pairs, rows, chosen, int(icfg.association_prompts)) if icfg.association_prompts else None
     tasks = task_gaps(ctx, df, chosen, n_boot, seed) if icfg.tasks else None
 
-    summary = summarize(ctx, table, score, len(pairs), len(set(units)), associations, tasks)
+    summary = summarize(ctx, table, score, len(pairs), len(set(units)), associations, tasks, size)
     write_json(ctx.tables / "intervention_summary.json", summary)
     write_figure(ctx.figures / "intervention_dose_response.html", figures.dose_response(table, score, metric))
     for line in summary["sentences"]:
@@ -382,10 +384,9 @@ def task_gaps(ctx, df: pd.DataFrame, chosen: dict, n_boot: int, seed: int) -> pd
     return table
 
 
-def summarize(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: int, associations, tasks) -> dict:
+def summarize(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: int, associations, tasks, size: int) -> dict:
     """The numbers the report states: for each kind at the report size, the share removed by the
     top components against the band of random ones, and the cost."""
-    size = int(ctx.cfg.intervene.size)
     out = {"metric": str(ctx.cfg.metric.name), "prompts": n_prompts, "pairs": n_pairs,
            "heldout_score": {"mean": score[0], "ci_low": score[1], "ci_high": score[2]}, "at": {}, "sentences": []}
     for kind in table.kind.unique():
