@@ -12,8 +12,9 @@
 # # Dialect prejudice, from a notebook
 #
 # The story of the notebook this project started from (ARENA's IOI tutorial adapted to African
-# American English), told through `pipeline.api`: the baseline logit difference, direct logit
-# attribution, one activation-patching sweep, and a figure restyled for a paper. Every step is a
+# American English), told through `pipeline.api` on the prejudice itself: the covert prejudice
+# score (how far the next token leans toward unfavorable traits after AAE than after SAE), direct
+# logit attribution of it, one activation-patching sweep, and a figure restyled for a paper. Every step is a
 # pipeline run, the same as `dialect-circuits ...` on the command line: it writes a run directory
 # under `outputs/` that `dialect-circuits rerun` can repeat, and the model stays loaded between
 # steps.
@@ -42,39 +43,42 @@ STUDY = [f"model={MODEL}", f"dataset.max_prompts={PROMPTS}",
 # %% [markdown]
 # ## 1. The dataset and the baseline
 #
-# The data stage builds the matched-guise dataset with this model (each pair's most AAE- and most
-# SAE-associated attributes); the cache stage runs the clean (AAE) and corrupted (SAE) prompts and
-# records the logit difference logit(correct) - logit(incorrect) at each prompt's real last token.
+# The data stage probes every prompt in both guises with this model; the cache stage reads the
+# favorability metric (the weighted mean logit of unfavorable traits minus that of favorable ones)
+# at each prompt's real last token for the clean (AAE) and corrupted (SAE) prompts. Its AAE - SAE
+# gap is the covert prejudice score.
 
 # %%
 run = api.run(STUDY + ["stage=cache"])
 run
 
 # %%
-run.dataset[["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae", "feature"]].head()
+run.dataset[["prompt_aae", "prompt_sae", "feature", "template"]].head()
 
 # %% [markdown]
-# The notebook's `test_prompt` view of the first prompt, clean (AAE) and corrupted (SAE): where the
-# two answers rank among the next tokens.
+# The notebook's `test_prompt` view of the first prompt, clean (AAE) and corrupted (SAE): the metric,
+# and where the most unfavorable (largest weight) and most favorable traits rank among the next tokens.
 
 # %%
 for side, view in run.json("test_prompt").items():
-    print(f"{side}: {view['prompt']}")
+    print(f"{side}: {view['prompt']}  metric {view['metric']:+.3f}")
     for answer in view["answers"]:
-        print(f"  {answer['role']:>9} {answer['token']!r}: rank {answer['rank']}, p = {answer['prob']:.3%}")
+        print(f"  weight {answer['weight']:+.3f} {answer['token']!r}: rank {answer['rank']}, p = {answer['prob']:.3%}")
 
 # %%
 baseline = run.json("baseline")
-print(f"mean logit difference: clean {baseline['clean_mean_logit_diff']:+.3f}, "
-      f"corrupted {baseline['corrupted_mean_logit_diff']:+.3f} over {baseline['n_prompts']} prompts")
-run.tables["logit_diff"].groupby("feature")[["clean_logit_diff", "corrupted_logit_diff"]].mean()
+score = run.tables["baseline_null"].iloc[0]
+print(f"{baseline['headline']}: {score.gap:+.3f} [{score.ci_low:+.3f}, {score.ci_high:+.3f}], "
+      f"guise-swap null [{score.null_low:+.3f}, {score.null_high:+.3f}], p = {score.p_perm:.3f}")
+run.tables["metric"].groupby("feature")[["clean_metric", "corrupted_metric"]].mean()
 
 # %% [markdown]
 # ## 2. Direct logit attribution
 #
-# Logit lens, layer attribution and head attribution on each prompt's own answer pair. The run
-# already holds the dataset and the baseline, so only the attribution stage runs (with the model
-# still loaded).
+# Logit lens, layer attribution and head attribution of the favorability metric, clean (AAE),
+# corrupted (SAE) and their difference: what the dialect changes in each head's direct write. The
+# run already holds the dataset and the baseline, so only the attribution stage runs (with the
+# model still loaded).
 
 # %%
 run = api.run(STUDY + ["stage=attribution"], run_dir=run.dir)
@@ -85,8 +89,9 @@ lens = run.tables["logit_lens"]
 lens[lens.side == "clean"][["component", "mean", "ci_low", "ci_high"]].tail()
 
 # %%
-heads = run.tables["head_attribution"]
-heads.reindex(heads["mean"].abs().sort_values(ascending=False).index)[["name", "mean", "ci_low", "ci_high"]].head(8)
+heads = run.tables["head_attribution_both_sides"]
+heads = heads[heads.side == "difference"]
+heads.reindex(heads["mean"].abs().sort_values(ascending=False).index)[["name", "mean", "ci_low", "ci_high", "detectable"]].head(8)
 
 # %%
 run.figure("head_attribution")
@@ -95,18 +100,20 @@ run.figure("head_attribution")
 # ## 3. Activation patching: each head's output
 #
 # Denoising: run the corrupted prompts and patch in one head's clean output at every position.
-# 0 means corrupted behaviour, 1 clean behaviour restored. The exact sweep runs on the first
-# `PATCHED` prompts; attribution patching estimates every head on every prompt and is scored
-# against it.
+# The effect is in metric units (patched - corrupted); the normalized value divides it by the
+# clean - corrupted gap (0 = corrupted, 1 = clean restored), which is noisy when the gap is small.
+# The exact sweep runs on the first `PATCHED` prompts; attribution patching estimates every head
+# on every prompt and is scored against it.
 
 # %%
 run = api.run(STUDY + ["stage=patching"], run_dir=run.dir)
 patched = run.tensors("patch_output")      # read from safetensors when a tensor is asked for
-normalized = patched["normalized"]         # [layer, head, prompt]
-print(patched.metadata["axes"], tuple(normalized.shape))
-per_head = normalized.mean(-1)
+effect = patched["effect"]                 # [layer, head, prompt], metric units
+print(patched.metadata["axes"], tuple(effect.shape))
+per_head = effect.mean(-1)
 layer, head = divmod(int(per_head.abs().argmax()), per_head.shape[1])
-print(f"largest mean effect: L{layer}H{head} restores {float(per_head[layer, head]):+.3f} of the clean behaviour")
+print(f"largest mean effect: L{layer}H{head} moves the metric by {float(per_head[layer, head]):+.4f} "
+      f"({float(patched['normalized'].mean(-1)[layer, head]):+.2f} of the clean - corrupted gap)")
 
 # %%
 run.tables["attrpatch_agreement"]
@@ -129,8 +136,9 @@ fig
 # %% [markdown]
 # ## 5. The other direction, side by side
 #
-# With SAE as the clean side the answers swap; a symmetric mechanism shows the same heads. The
-# comparison is the one `dialect-circuits compare` writes, as DataFrames.
+# With SAE as the clean side the sides swap and the metric's sign flips, so clean - corrupted is the
+# same AAE - SAE difference; a symmetric mechanism shows the same heads. The comparison is the one
+# `dialect-circuits compare` writes, as DataFrames.
 
 # %%
 mirror = api.run(STUDY + ["direction=sae_clean", "stage=attribution"])

@@ -41,8 +41,9 @@ JOB_NAME = "__main__"
 # message when a run lacks one. Kept beside the stages' own names: tests/test_api.py checks that
 # every artifact of a full run is listed here.
 MADE_BY = {
-    "data": ("dataset", "attribute_association", "guise_logprobs", "guise_attribution", "katz_braly"),
-    "cache": ("logit_diff", "baseline", "test_prompt"),
+    "data": ("dataset", "attribute_association", "guise_logprobs", "guise_attribution", "stereotype_agreement",
+             "prejudice_score"),
+    "cache": ("metric", "baseline", "test_prompt"),
     "attribution": ("logit_lens", "layer_attribution", "head_attribution", "top_heads", "attribution", "attention_"),
     "patching": ("patch_", "attrpatch"),
 }

@@ -180,13 +180,24 @@ def ensure_plotly_js(figures_dir: Path) -> None:
     _record(target)  # every figure page needs it: an output of each stage that writes figures
 
 
+# The page of a figure fills whatever frame it is shown in: plotly's responsive mode redraws the
+# figure at the frame's size, and the page has no margin of its own. A page with plotly's default
+# body margin inside `html, body {height: 100%}` is 16 px taller than its frame, so it scrolls both
+# ways in any iframe sized to the figure.
+FIGURE_PAGE_STYLE = "<style>html, body {height: 100%; margin: 0; overflow: hidden;}</style>"
+
+
 def write_figure(path: Path, fig) -> Path:
     """A plotly figure as a standalone HTML page next to the run's copy of plotly.js, and as
-    plotly's own JSON beside it (`name.json`), which `read_figure` turns back into the Figure."""
+    plotly's own JSON beside it (`name.json`), which `read_figure` turns back into the Figure and
+    which keeps the figure's intended width and height (the report sizes its frame from them)."""
     path = Path(path)
     ensure_plotly_js(path.parent)
     write_atomic(path.with_suffix(".json"), fig.to_json())  # first: an HTML page always has its JSON
-    html = fig.to_html(include_plotlyjs="directory", full_html=True)
+    page = type(fig)(fig).update_layout(width=None, height=None, autosize=True)
+    html = page.to_html(include_plotlyjs="directory", full_html=True, config={"responsive": True},
+                        default_width="100%", default_height="100%")
+    html = html.replace("<style>html, body {height: 100%;}</style>", FIGURE_PAGE_STYLE, 1)
     return write_atomic(path, html)
 
 

@@ -1,5 +1,7 @@
-"""Direct logit attribution on each prompt's own logit-difference direction, read at each
-prompt's real last token with the final norm's scale of that prompt applied.
+"""Direct logit attribution of the run's metric (pipeline/metrics.py: a weighted sum of answer
+logits, the logit difference or a rated metric), along each prompt's own metric direction
+W_U[:, tokens] @ weights, read at each prompt's real last token with the final norm's scale of
+that prompt applied.
 
 TransformerLens's `ActivationCache.accumulated_resid` / `decompose_resid` give the residual
 stacks; its `apply_ln_to_stack(pos_slice=...)` takes one position for the whole batch, which is
@@ -12,9 +14,9 @@ Two ways to get the same numbers:
 - `LastTokenRecord`: hooks riding on a pass run for another purpose (the data stage's probing of
   both guises, pipeline/data/scoring.py), which keep only what attribution reads at each
   prompt's real last token, projected through the final norm onto the unembedding column of
-  every attribute that may become an answer. The answers are chosen only after every prompt has
-  been probed, and a logit difference is linear in those columns, so any answer pair's
-  attributions follow afterwards without another pass over the prompts (`record_attributions`).
+  every one-token attribute. The answers are chosen only after every prompt has been probed, and
+  every linear metric is a weighted sum of those columns, so the run's metric's attributions
+  follow afterwards without another pass over the prompts (`record_attributions`).
   TransformerLens's cache has no "keep one position per prompt" filter, hence the hooks.
 """
 
@@ -24,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.forward import model_device
-from pipeline.metrics import gather_last, logit_diff, logit_diff_directions
+from pipeline.metrics import AnswerWeights, gather_last
 from pipeline.prompts import PromptBatch, micro_batches
 
 CACHED_HOOKS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
@@ -38,27 +40,27 @@ def apply_final_ln_scale(model, stack: torch.Tensor, scale: torch.Tensor) -> tor
     return stack / scale
 
 
-def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int, desc: str | None = None) -> dict:
+def attribute(model, batch: PromptBatch, answers: AnswerWeights, batch_size: int, desc: str | None = None) -> dict:
     """Per-prompt attributions [components, n]: `logit_lens` (accumulated residual, incl_mid),
-    `layer` (decompose_resid terms plus the unembedding bias, summing to the model's logit
-    difference), `head` [n_layers, n_heads, n], and `model_logit_diff` [n]; plus
+    `layer` (decompose_resid terms plus the unembedding bias, summing to the model's metric),
+    `head` [n_layers, n_heads, n], and `model_metric` [n], the model's own metric; plus
     `last_attention`, each prompt's last-token attention over its real positions
     [n_layers, n_heads, n_tokens], kept from the same pass for the attention figures."""
     device = model_device(model)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     W_O = model.W_O  # [layers, heads, d_head, d_model]
-    out = {"logit_lens": [], "layer": [], "head": [], "model_logit_diff": []}
+    out = {"logit_lens": [], "layer": [], "head": [], "model_metric": []}
     labels, last_attention = {}, []
     with torch.no_grad():
         for rows in tqdm(list(micro_batches(len(batch), batch_size)), desc=desc, disable=desc is None, leave=False):
             mb = batch.slice(rows).to(device)
             logits, cache = model.run_with_cache(mb.tokens, attention_mask=mb.attention_mask,
                                                  names_filter=lambda name: name.endswith(CACHED_HOOKS))
-            direction, bias = (t.float() for t in logit_diff_directions(model, answers[rows]))
+            direction, bias = (t.float() for t in answers[rows].directions(model))
             ar = torch.arange(len(mb), device=device)
             scale = cache["ln_final.hook_scale"][ar, mb.last].float()  # [b, 1]
 
-            def project(stack):  # [c, b, pos, d] -> [c, b] logit difference at each prompt's last token
+            def project(stack):  # [c, b, pos, d] -> [c, b] metric at each prompt's last token
                 last = stack[:, ar, mb.last].float()  # accumulate in float32 whatever the model's dtype
                 return (apply_final_ln_scale(model, last, scale) * direction).sum(-1)
 
@@ -73,7 +75,7 @@ def attribute(model, batch: PromptBatch, answers: torch.Tensor, batch_size: int,
                 per_head = torch.einsum("bhk,hkd->hbd", z_last, W_O[layer].float())  # each head's write, no bias
                 heads.append((apply_final_ln_scale(model, per_head, scale) * direction).sum(-1))
             out["head"].append(torch.stack(heads))
-            out["model_logit_diff"].append(logit_diff(gather_last(logits, mb.last).float(), answers[rows]))
+            out["model_metric"].append(answers[rows].values(gather_last(logits, mb.last)))
             patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][ar, :, mb.last] for l in range(n_layers)], 1)
             last_attention += [patterns[i, :, :, : int(mb.last[i]) + 1].float().cpu() for i in range(len(mb))]
     result = {k: torch.cat(v, dim=-1).float().cpu() for k, v in out.items()}
@@ -163,19 +165,19 @@ class LastTokenRecord:
         return out
 
 
-def record_attributions(record: dict, correct: torch.Tensor, incorrect: torch.Tensor) -> dict:
-    """`attribute`'s outputs (without `model_logit_diff`) for answers given as record columns:
-    correct [n], incorrect [n] indices into the recorded attributes."""
-    rows = torch.arange(len(correct))
+def record_attributions(record: dict, weights: torch.Tensor) -> dict:
+    """`attribute`'s outputs (without `model_metric`) for a metric given as weights over the
+    record's columns, [n, A] (the logit difference: +1 and -1 at the two answers' columns)."""
+    w = weights.float()
 
-    def diff(t):  # [n, ..., A] -> [..., n]
-        d = t[rows, ..., correct] - t[rows, ..., incorrect]
-        return d.movedim(0, -1)
+    def reduce(t):  # [n, ..., A] -> [..., n]
+        shape = (t.shape[0],) + (1,) * (t.dim() - 2) + (t.shape[-1],)
+        return (t * w.reshape(shape)).sum(-1).movedim(0, -1)
 
-    bias = (record["bias"][correct] - record["bias"][incorrect])[None]
-    return {"logit_lens": diff(record["logit_lens"]) + bias, "layer": torch.cat([diff(record["layer"]), bias]),
-            "head": diff(record["head"]), "labels": record["labels"],
-            "last_attention": [record["attention"][i] for i in range(len(correct))]}
+    bias = (w @ record["bias"])[None]  # [1, n]
+    return {"logit_lens": reduce(record["logit_lens"]) + bias, "layer": torch.cat([reduce(record["layer"]), bias]),
+            "head": reduce(record["head"]), "labels": record["labels"],
+            "last_attention": list(record["attention"])}
 
 
 def full_attention(model, batch: PromptBatch, index: int, heads: list[tuple[int, int]]) -> torch.Tensor:

@@ -8,8 +8,8 @@ run, and a rank by the largest absolute difference. `comparison.html` shows, per
 against run B per component and the components that differ most.
 
 A table is per-component when it has a `mean` column (head_attribution, layer_attribution,
-patch_<sweep>, attrpatch_<sweep>, and whatever later stages write in that shape); logit_diff.csv
-is per prompt and is first reduced to means per dialect feature.
+patch_<sweep>, attrpatch_<sweep>, and whatever later stages write in that shape); metric.csv
+(the baseline metric) is per prompt and is first reduced to means per dialect feature.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from pipeline.runner import MACHINE_LOCAL, read_manifest, run_output_problems
 # Columns that hold a statistic of a component; every other column names the component, except
 # one named <statistic>_<group> (mean_finna: the mean over one feature's prompts) and one of
 # numbers with decimals (a statistic this list does not know yet: never a key).
-STATISTICS = ("mean", "sem", "std", "ci_low", "ci_high", "n_prompts", "n", "p_signflip", "q_bh", "significant_bh")
+STATISTICS = ("mean", "sem", "std", "ci_low", "ci_high", "n_prompts", "n", "p_signflip", "q_bh", "significant_bh",
+              "detectable", "normalized")
 TOP = 20
 # Page order: the baseline, the attribution tables, the patching sweeps, then anything else.
-ORDER = ("logit_diff", "head_attribution", "layer_attribution", "patch_", "attrpatch_")
+ORDER = ("metric", "head_attribution", "layer_attribution", "patch_", "attrpatch_")
 
 
 class Run:
@@ -143,10 +144,10 @@ def label_runs(runs: list[Run]) -> None:
 def read_table(run: Run, name: str) -> pd.DataFrame | None:
     """The table as components x statistics, or None when it is not a per-component table."""
     path = run.path / "tables" / f"{name}.csv"
-    if name == "logit_diff":
+    if name == "metric":
         per_prompt = read_csv(path, keep_default_na=False)
-        needed = {"clean_logit_diff", "corrupted_logit_diff"}
-        return logit_diff_means(per_prompt) if needed <= set(per_prompt.columns) else None
+        needed = {"clean_metric", "corrupted_metric"}
+        return metric_means(per_prompt) if needed <= set(per_prompt.columns) else None
     df = read_csv(path, dtype=str, keep_default_na=False)
     if "mean" not in df.columns:
         return None
@@ -162,18 +163,18 @@ def read_table(run: Run, name: str) -> pd.DataFrame | None:
     return df
 
 
-def logit_diff_means(per_prompt: pd.DataFrame) -> pd.DataFrame:
-    """logit_diff.csv reduced to the mean of each run side (and their gap) per dialect feature and
+def metric_means(per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """metric.csv reduced to the mean of each run side (and their gap) per dialect feature and
     over all prompts, in the long shape of the other tables."""
-    per_prompt = per_prompt.assign(gap_logit_diff=per_prompt.clean_logit_diff - per_prompt.corrupted_logit_diff)
+    per_prompt = per_prompt.assign(gap_metric=per_prompt.clean_metric - per_prompt.corrupted_metric)
     features = per_prompt["feature"].astype(str) if "feature" in per_prompt else pd.Series("", index=per_prompt.index)
     rows = []
-    for quantity in ("clean_logit_diff", "corrupted_logit_diff", "gap_logit_diff"):
+    for quantity in ("clean_metric", "corrupted_metric", "gap_metric"):
         groups = [("all", per_prompt[quantity])]
         groups += [(f, per_prompt.loc[features == f, quantity]) for f in sorted(features.unique()) if f]
         for feature, values in groups:
             values = values.astype(float)
-            rows.append({"quantity": quantity.removesuffix("_logit_diff"), "feature": feature, "mean": values.mean(),
+            rows.append({"quantity": quantity.removesuffix("_metric"), "feature": feature, "mean": values.mean(),
                          "sem": values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan,
                          "n_prompts": len(values)})
     return pd.DataFrame(rows)
@@ -264,12 +265,13 @@ def correlation(joined: pd.DataFrame, runs: list[Run]) -> str:
     return f"Pearson r between {runs[0].label} and {runs[1].label}: {both[a].corr(both[b]):.3f} over {len(both)} components. "
 
 
-def page(runs: list[Run], sections: list[dict], skipped: list[str], circuit: dict | None = None) -> str:
+def page(runs: list[Run], sections: list[dict], skipped: list[str], circuit: dict | None = None,
+         scores: dict | None = None) -> str:
     shown = [{"label": run.label, "path": str(run.path), "model": str(run.manifest.get("model", {}).get("name")),
               "direction": str(run.manifest.get("direction")), "dataset": str(run.manifest.get("dataset_hash")),
               "device": str(run.manifest.get("device")), "status": str(run.manifest.get("status"))} for run in runs]
     return render("comparison.html.j2", runs=shown, sections=sections, skipped=skipped, plotly_js=PLOTLY_JS,
-                  circuit=circuit)
+                  circuit=circuit, scores=scores)
 
 
 def section(name: str, joined: pd.DataFrame, names: pd.Series, runs: list[Run]) -> dict:
@@ -307,6 +309,7 @@ class Comparison:
     names: dict[str, pd.Series] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     circuit: dict | None = None  # pipeline/circuit/compare_view.py: shared edges, both faithfulness curves
+    scores: dict | None = None  # pipeline/compare_scores.py: headline scores and stereotype agreement
 
 
 def open_runs(dirs: list[str], allow_different_datasets: bool) -> list[Run]:
@@ -343,7 +346,10 @@ def comparison(runs: list[Run]) -> Comparison:
     from pipeline.circuit.compare_view import circuit_comparison
 
     result.circuit = circuit_comparison(runs)
-    if not result.tables and not result.circuit:
+    from pipeline.compare_scores import score_comparison
+
+    result.scores = score_comparison(runs)
+    if not result.tables and not result.circuit and not result.scores:
         raise PipelineError(f"the runs share no per-component table to compare ({', '.join(str(r.path) for r in runs)})")
     return result
 
@@ -355,10 +361,10 @@ def write_comparison(result: Comparison, out_dir: Path) -> Path:
     for name, joined in result.tables.items():
         write_table(out_dir / "tables" / f"compare_{name}.csv", joined)
         sections.append(section(name, joined, result.names[name], result.runs))
-    for name, table in (result.circuit or {}).get("tables", {}).items():
+    for name, table in {**(result.circuit or {}).get("tables", {}), **(result.scores or {}).get("tables", {})}.items():
         write_table(out_dir / "tables" / f"{name}.csv", table)
     ensure_plotly_js(out_dir)
-    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped, result.circuit))
+    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped, result.circuit, result.scores))
     return out_dir
 
 

@@ -39,16 +39,53 @@ def attribute_association(table: pd.DataFrame, top: int = 40) -> go.Figure:
     return fig
 
 
-def baseline_logit_diffs(table: pd.DataFrame) -> go.Figure:
-    """Per-prompt logit differences of the clean and corrupted runs, per dialect feature."""
-    long = table.melt(id_vars=["feature"], value_vars=["clean_logit_diff", "corrupted_logit_diff"],
-                      var_name="run", value_name="logit_diff")
-    long["run"] = long["run"].str.replace("_logit_diff", "")
-    fig = px.box(long, x="feature", y="logit_diff", color="run", points="all",
-                 title="Logit difference (correct - incorrect) per prompt, clean and corrupted runs",
+def baseline_metric(table: pd.DataFrame, metric: str) -> go.Figure:
+    """Per-prompt metric of the clean and corrupted runs, per dialect feature."""
+    long = table.melt(id_vars=["feature"], value_vars=["clean_metric", "corrupted_metric"],
+                      var_name="run", value_name="metric")
+    long["run"] = long["run"].str.replace("_metric", "")
+    fig = px.box(long, x="feature", y="metric", color="run", points="all",
+                 title=f"{METRIC_TITLES.get(metric, metric)} per prompt, clean and corrupted runs",
                  color_discrete_map={"clean": "#1b7837", "corrupted": "#762a83"})
     fig.add_hline(y=0, line_dash="dot", line_color="grey")
-    fig.update_layout(width=1000, height=480, yaxis_title="logit difference")
+    fig.update_layout(width=1000, height=480, yaxis_title=metric)
+    return fig
+
+
+# What each metric's number is, for axis and figure titles (pipeline/metrics.py).
+METRIC_TITLES = {
+    "logit_diff": "Logit difference (correct - incorrect)",
+    "favorability": "Favorability metric (weighted mean logit of unfavorable - favorable traits)",
+    "prestige": "Prestige metric (weighted mean logit of low - high prestige occupations)",
+    "prob_diff": "Probability difference (correct - incorrect)",
+    "kl_div": "KL divergence from the clean run",
+}
+
+
+def stereotype_agreement(table: pd.DataFrame, model: dict) -> go.Figure:
+    """Hofmann et al.'s Fig. 2 for one run: the agreement of the model's AAE associations with each
+    study's stereotypes (average precision, bars) against chance (markers), and the favorability of
+    each study's top 5 traits against that of the model's top 5 AAE- and SAE-associated ones."""
+    labels = [f"{n}<br>{y}" for n, y in zip(table.name, table.year)]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=["Agreement with each study's stereotypes", "Favorability of the top 5 traits"])
+    fig.add_trace(go.Bar(x=labels, y=table.agreement, name="model (average precision)", marker_color="#b2182b",
+                         customdata=np.stack([table.p_perm, table.top_traits], -1),
+                         hovertemplate="%{x}: %{y:.3f}, permutation p %{customdata[0]:.3f}<br>their top traits: %{customdata[1]}<extra></extra>"),
+                  1, 1)
+    fig.add_trace(go.Scatter(x=labels, y=table.chance, mode="markers", name="chance (random rankings)",
+                             marker=dict(symbol="line-ew-open", size=28, color="black", line=dict(width=2)),
+                             hovertemplate="%{x}: chance %{y:.3f}<extra></extra>"), 1, 1)
+    fig.add_trace(go.Bar(x=labels, y=table.favorability_top5, name="study's top 5", marker_color="#999999",
+                         hovertemplate="%{x}: %{y:+.2f}<extra></extra>"), 1, 2)
+    for key, name, colour in (("favorability_aae_top5", "model's top 5 AAE-associated", "#b2182b"),
+                              ("favorability_sae_top5", "model's top 5 SAE-associated", "#2166ac")):
+        fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[model[key]] * 2, mode="lines", name=f"{name} ({model[key]:+.2f})",
+                                 line=dict(color=colour, dash="dash"), hoverinfo="skip"), 1, 2)
+    fig.update_yaxes(title_text="average precision, top 1-5 traits", row=1, col=1)
+    fig.update_yaxes(title_text="mean favorability (-2 .. +2)", row=1, col=2)
+    fig.update_layout(title="Does the model's AAE association agree with human stereotypes of African Americans, 1933-2012?",
+                      width=1100, height=520, legend=dict(orientation="h", y=-0.22), margin=dict(b=130))
     return fig
 
 
@@ -63,6 +100,26 @@ def line(values: dict[str, np.ndarray], labels: list[str], title: str, bands: di
                                      line=dict(width=0), opacity=0.2, showlegend=False, hoverinfo="skip", name=name))
         fig.add_trace(go.Scatter(x=labels, y=y, mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title="component", yaxis_title=y_title, hovermode="x unified", width=1000, height=450)
+    return fig
+
+
+def difference_and_sides(values: dict[str, np.ndarray], bands: dict, labels: list[str], title: str,
+                         y_title: str) -> go.Figure:
+    """Two panels over components: the clean - corrupted difference with its 95% band (what the
+    dialect changes), then the clean and corrupted sides themselves."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+                        subplot_titles=["clean - corrupted (what the dialect changes)", "clean and corrupted prompts"])
+    colours = {"difference": "#b2182b", "clean": "#1b7837", "corrupted": "#762a83"}
+    for side, y in values.items():
+        col = 1 if side == "difference" else 2
+        if side in bands:
+            lo, hi = bands[side]
+            fig.add_trace(go.Scatter(x=labels + labels[::-1], y=list(hi) + list(lo)[::-1], fill="toself", fillcolor=colours[side],
+                                     line=dict(width=0), opacity=0.2, showlegend=False, hoverinfo="skip"), 1, col)
+        fig.add_trace(go.Scatter(x=labels, y=y, mode="lines+markers", name=side, line=dict(color=colours[side])), 1, col)
+    fig.add_hline(y=0, line_dash="dot", line_color="grey", row=1, col=1)
+    fig.update_yaxes(title_text=y_title, row=1, col=1)
+    fig.update_layout(title=title, hovermode="x unified", width=1250, height=470, legend=dict(orientation="h", y=-0.3))
     return fig
 
 
@@ -117,7 +174,9 @@ def heatmap_grid(zs: list[list[np.ndarray]], row_titles: list[str], col_titles: 
     return fig
 
 
-def scatter_agreement(points: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], title: str) -> go.Figure:
+def scatter_agreement(points: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], title: str,
+                      x_title: str = "exact activation patching (effect, metric units)",
+                      y_title: str = "attribution patching (estimated effect)") -> go.Figure:
     """Exact patching (x) against its approximation (y), one trace per part, with y = x drawn."""
     fig = go.Figure()
     lo, hi = 0.0, 0.0
@@ -128,8 +187,7 @@ def scatter_agreement(points: dict[str, tuple[np.ndarray, np.ndarray, list[str]]
         if finite.size:
             lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"), name="y = x"))
-    fig.update_layout(title=title, xaxis_title="exact activation patching (normalized)",
-                      yaxis_title="attribution patching (normalized)", width=800, height=700)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, width=800, height=700)
     return fig
 
 

@@ -9,7 +9,7 @@
   are swapped together, because they are not independent of each other.
 - The sign-flip test of a component against zero over prompts, and Benjamini-Hochberg over the
   components of a table.
-- A permutation test of agreement between an attribute ranking and a reference list.
+- Power: the smallest mean a number of pairs could detect, and the pairs a given mean would need.
 
 numpy has no permutation tests and scipy is not a dependency; these are a few lines each.
 With 2**units <= n_perm every sign pattern is enumerated (an exact test, identity included);
@@ -89,6 +89,24 @@ def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, 
     return q, np.isfinite(q) & (q <= alpha)
 
 
+# (z_0.975 + z_0.8): a mean this many standard errors from 0 is found by a two-sided test at the 5%
+# level 80% of the time.
+DETECTABLE = 1.959964 + 0.841621
+
+
+def detectable_effect(sem):
+    """The smallest true mean a two-sided 5% test would detect with 80% power, given the standard
+    error of the mean (from the pair-level spread): 2.80 standard errors. It shrinks as
+    1/sqrt(pairs): pairs_needed = pairs * (detectable / target)^2."""
+    return DETECTABLE * sem
+
+
+def pairs_needed(n_pairs: int, detectable: float, target: float) -> float:
+    """How many pairs a two-sided 5% test with 80% power needs to detect a mean of `target`, when
+    n_pairs give the smallest detectable mean `detectable`."""
+    return float(n_pairs * (detectable / abs(target)) ** 2) if target else float("inf")
+
+
 # ---------------------------------------------------------------- the baseline's null
 
 def unit_index(units) -> tuple[np.ndarray, int]:
@@ -123,8 +141,10 @@ def baseline_null(observed: np.ndarray, pair_ids, features, n_perm: int, n_boot:
     """One row for all prompts and one per dialect feature: the observed mean gap with a 95%
     interval from a pair bootstrap of the whole procedure (pairs resampled within each feature,
     the answers chosen again on every resample, so the interval includes the selection's own
-    variability), and the guise permutation null's mean and 95% band with the one-sided p-value
-    of a gap at least as large (pairs' guises swapped at random, answers chosen again)."""
+    variability), its standard error (the bootstrap's standard deviation) and the smallest gap the
+    pairs could detect (pipeline/stats.py detectable_effect), and the guise permutation null's
+    mean and 95% band with the one-sided p-value of a gap at least as large (pairs' guises swapped
+    at random, answers chosen again)."""
     gap_of = GapProcedure(observed, pair_ids, assoc, names, rule, answer_pair)
     n_rows = len(gap_of.observed)
     inverse, n_units = unit_index(pair_ids)
@@ -162,9 +182,12 @@ def baseline_null(observed: np.ndarray, pair_ids, features, n_perm: int, n_boot:
         gap = float(gap_of.observed[mask].mean())
         null_means = null[:, mask].mean(1)
         band = np.quantile(null_means, [0.025, 0.975])
-        ci = np.nanquantile(boot[:, k], [0.025, 0.975]) if np.isfinite(boot[:, k]).any() else (np.nan, np.nan)
+        finite = np.isfinite(boot[:, k])
+        ci = np.nanquantile(boot[:, k], [0.025, 0.975]) if finite.any() else (np.nan, np.nan)
+        sem = float(np.nanstd(boot[:, k], ddof=1)) if finite.sum() > 1 else np.nan
         table.append({"feature": name, "n_prompts": int(mask.sum()), "n_pairs": len(set(inverse[mask])),
-                      "gap": gap, "ci_low": float(ci[0]), "ci_high": float(ci[1]), "null_mean": float(null_means.mean()),
+                      "gap": gap, "ci_low": float(ci[0]), "ci_high": float(ci[1]), "sem": sem,
+                      "detectable": float(detectable_effect(sem)), "null_mean": float(null_means.mean()),
                       "null_low": float(band[0]), "null_high": float(band[1]),
                       "p_perm": float(p_value(np.array(gap), null_means, exact, "greater")),
                       "null_draws": len(patterns), "null_exact": exact})
@@ -183,35 +206,3 @@ def association_null(assoc: np.ndarray, pair_ids, n_perm: int, seed: int, alpha:
     q, significant = benjamini_hochberg(p, alpha)
     band = np.quantile(null, [0.025, 0.975], axis=0)
     return pd.DataFrame({"null_low": band[0], "null_high": band[1], "p_perm": p, "q_bh": q, "significant_bh": significant})
-
-
-# ---------------------------------------------------------------- agreement with a reference list
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation with average ranks for ties."""
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def list_agreement(scores: np.ndarray, reference: np.ndarray, n_perm: int, seed: int) -> dict:
-    """scores [attributes] (the model's association, high = AAE) and reference [attributes] (a
-    stereotype list's weight, 0 = not listed). Overlap: how many of the k listed attributes are
-    among the model's top k; rank correlation: Spearman over all attributes. Both against the same
-    random permutations of the scores over attributes (one-sided: agreement at least as large)."""
-    scores, reference = np.asarray(scores, float), np.asarray(reference, float)
-    listed = reference > 0
-    k = int(listed.sum())
-
-    def stats(s):
-        top = np.argsort(-s, kind="stable")[:k]
-        return int(listed[top].sum()), spearman(s, reference)
-
-    overlap, rho = stats(scores)
-    rng = np.random.default_rng(seed)
-    null = np.array([stats(rng.permutation(scores)) for _ in range(n_perm)])
-    return {"n_attributes": len(scores), "n_listed": k, "overlap_top_k": overlap, "overlap_null_mean": float(null[:, 0].mean()),
-            "p_overlap": float((1 + (null[:, 0] >= overlap).sum()) / (1 + n_perm)),
-            "spearman": rho, "p_spearman": float((1 + (null[:, 1] >= rho - TIE).sum()) / (1 + n_perm)),
-            "n_perm": n_perm}

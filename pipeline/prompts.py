@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.metrics import AnswerWeights
 
 
 @dataclass
@@ -141,12 +142,13 @@ def single_token_ids(model, words: list[str]) -> tuple[dict[str, int], list[str]
 
 @dataclass
 class PairedPrompts:
-    """Clean and corrupted prompts of one direction, their answers, and the role alignment."""
+    """Clean and corrupted prompts of one direction, the metric's answer tokens and weights
+    (pipeline/metrics.py AnswerWeights), and the role alignment."""
 
     clean: PromptBatch
     corrupted: PromptBatch
-    answers: torch.Tensor  # [n, 2] token ids (correct, incorrect)
-    answer_strs: list[tuple[str, str]]
+    answers: AnswerWeights  # [n, K] tokens and weights, oriented to this direction
+    answer_strs: list[tuple[str, ...]]  # each prompt's answer tokens as text, in the order of answers.tokens
     role_names: list[str] = field(default_factory=list)  # ordered roles present on both sides
     clean_pos: torch.Tensor | None = None  # [n, R], -1 where a prompt lacks the role
     corrupted_pos: torch.Tensor | None = None

@@ -163,10 +163,25 @@ class RunContext:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
 
     @cached_property
+    def rated(self):
+        """The rated metric (favorability, prestige; pipeline/data/ratings.py) over the task's
+        attributes (a built dataset's `dataset.attributes` where given), else None."""
+        from pipeline.metrics import RATED_METRICS
+
+        if str(self.cfg.metric.name) not in RATED_METRICS:
+            return None
+        from pipeline.data.ratings import rated_metric
+        from pipeline.data.resources import load_attributes
+
+        d = self.cfg.dataset
+        attributes = load_attributes(str(d.get("task") or "traits"), None if d.path else d.get("attributes"))
+        return rated_metric(self.cfg.metric, attributes, self.tokenizer[0])
+
+    @cached_property
     def pairs(self):
         from pipeline.data.dataset import pair_prompts
 
-        return pair_prompts(self.model, self.dataset, self.cfg.direction, bool(self.cfg.model.prepend_bos))
+        return pair_prompts(self.model, self.dataset, self.cfg.direction, bool(self.cfg.model.prepend_bos), self.rated)
 
 
 class Manifest:

@@ -1,6 +1,7 @@
 """Summaries of per-prompt values: mean, standard error and a 95% percentile-bootstrap interval
 (over pairs where the prompts come in pairs, else over prompts), a sign-flip permutation p-value
-against zero with a Benjamini-Hochberg flag, and means per dialect feature."""
+against zero with a Benjamini-Hochberg flag, the smallest effect the prompts could detect, and
+means per dialect feature."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.nulls import benjamini_hochberg, sign_flip_test
+from pipeline.nulls import benjamini_hochberg, detectable_effect, sign_flip_test
 
 
 def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, units=None) -> dict[str, torch.Tensor]:
@@ -61,8 +62,9 @@ def feature_means(values: torch.Tensor, features: list[str]) -> dict[str, torch.
 def summary_table(values: torch.Tensor, keys: pd.DataFrame, features: list[str] | None, n_boot: int, seed: int,
                   n_perm: int = 1000, alpha: float = 0.05, units=None) -> pd.DataFrame:
     """One row per component (rows of `keys`, in the flattened order of values[..., :]) with
-    mean, sem, 95% interval (resampling `units` where given, `summarize`), prompt count, the mean per feature, and the test of the mean against
-    0: `p_signflip` (two-sided sign-flip permutation test over prompts, or over `units` such as
+    mean, sem, 95% interval (resampling `units` where given, `summarize`), prompt count, the
+    smallest mean the prompts could detect (`detectable`: 80% power, two-sided 5% test), the mean
+    per feature, and the test of the mean against 0: `p_signflip` (two-sided sign-flip permutation test over prompts, or over `units` such as
     pair ids, whose prompts flip together; `n_perm` random sign patterns, or all of them when there
     are few), `q_bh` (Benjamini-Hochberg adjusted over all components of this table) and
     `significant_bh` (q_bh <= alpha)."""
@@ -71,6 +73,7 @@ def summary_table(values: torch.Tensor, keys: pd.DataFrame, features: list[str] 
     for k in ("mean", "sem", "ci_low", "ci_high"):
         table[k] = s[k].reshape(-1).numpy()
     table["n_prompts"] = s["n"].reshape(-1).numpy()
+    table["detectable"] = detectable_effect(table["sem"])
     table["p_signflip"] = sign_flip_test(values.reshape(-1, values.shape[-1]).double().numpy(), n_perm, seed, units)
     table["q_bh"], table["significant_bh"] = benjamini_hochberg(table["p_signflip"].to_numpy(), alpha)
     if features and len(set(features)) > 1:

@@ -174,6 +174,7 @@ RULES = {
     "patching.checkpoint_every": (positive_int, POSITIVE),
     "patching.rows_per_run": (positive_int, POSITIVE),
     "circuit.method": (lambda v: v in ("eap", "eap_ig"), "eap or eap_ig"),
+    "metric.ratings": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or the path of a file of attribute<TAB>rating lines"),
     "circuit.ig_steps": (positive_int, POSITIVE),
     "circuit.score_prompts": (optional_positive_int, f"null (every prompt) or {POSITIVE}"),
     "circuit.eval_prompts": (optional_positive_int, f"null (every prompt) or {POSITIVE}"),
@@ -248,7 +249,7 @@ def check_config(cfg) -> None:
     metric, stages = str(cfg.metric.name), list(cfg.stage.stages)
     if "patching" in stages and metric not in LINEAR_METRICS:
         refuse("config", f"metric={metric}: the patching stage supports only {', '.join(LINEAR_METRICS)}",
-               "metric=logit_diff for stage=patching (stage=circuit takes prob_diff and kl_div)")
+               "metric=favorability, prestige or logit_diff for stage=patching (stage=circuit takes prob_diff and kl_div)")
     if "circuit" in stages and metric == "kl_div" and cfg.circuit.method == "eap":
         refuse("config", "circuit.method=eap cannot use metric=kl_div (its gradient at the clean run is zero)", "circuit.method=eap_ig")
     if "patching" in stages:

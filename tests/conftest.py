@@ -56,3 +56,18 @@ def embedded_model():
     from pipeline.model import load_model
 
     return load_model(make_cfg([]).model, "cpu", torch.float32)
+
+
+def pairs_for(model, df, cfg):
+    """The run's prompt pairs for a composed config, as the pipeline builds them: a rated metric's
+    (favorability, prestige) answers over the task's attributes, else the dataset's answer pairs."""
+    from pipeline.data.dataset import pair_prompts
+    from pipeline.data.ratings import rated_metric
+    from pipeline.data.resources import load_attributes
+    from pipeline.metrics import RATED_METRICS
+
+    rated = None
+    if str(cfg.metric.name) in RATED_METRICS:
+        attributes = load_attributes(str(cfg.dataset.task), cfg.dataset.get("attributes"))
+        rated = rated_metric(cfg.metric, attributes, model.tokenizer)
+    return pair_prompts(model, df, cfg.direction, True, rated)

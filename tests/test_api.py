@@ -114,7 +114,7 @@ def test_errors_are_the_commands_one_line_and_failed_runs_open(tmp_path, monkeyp
     failed = api.load_run(tmp_path / "failed")
     assert failed.status == "failed" and failed.stages == {"data": "done", "cache": "done", "patching": "failed"}
     assert "failed" in repr(failed) and "data, cache" in repr(failed)
-    assert len(failed.tables["logit_diff"]) == 4
+    assert len(failed.tables["metric"]) == 4
     with pytest.raises(PipelineError, match=r"no tables/patch_head_out.csv: the patching stage writes it and is failed here \(patching.sweeps: unknown"):
         failed.tables["patch_head_out"]
     with pytest.raises(PipelineError, match=r"no tensors/attribution.safetensors: .* did not run here \(stage=attribution runs it\)"):
@@ -160,7 +160,7 @@ def test_the_example_notebook_runs_on_the_tiny_model(tmp_path, monkeypatch, load
     study, mirror = names["run"], names["mirror"]
     assert study.stages_done == ["data", "cache", "report", "attribution", "patching"]
     assert mirror.stages_done == ["data", "cache", "attribution", "report"]
-    assert names["normalized"].shape[:2] == (2, 4) and "head_attribution" in names["comparison"].tables
+    assert names["effect"].shape[:2] == (2, 4) and "head_attribution" in names["comparison"].tables
     assert (tmp_path / "paper" / "patch_head_out.html").stat().st_size > 100_000
     assert len(loads) == 1 and not api._models  # one load for five runs, released at the end
 

@@ -1,36 +1,38 @@
-"""Direct logit attribution closes: the layer terms sum to the model's own logit difference per
-prompt (the check the notebook had to comment out), heads sum to their layer's attention term,
-and batched attributions equal one-prompt-at-a-time ones."""
+"""Direct logit attribution closes: the layer terms sum to the model's own metric per prompt (the
+check the notebook had to comment out), for the logit difference and the favorability metric
+alike; heads sum to their layer's attention term, and batched attributions equal
+one-prompt-at-a-time ones."""
 
 import pytest
 import torch
 
 from pipeline.attribution import attribute
-from pipeline.data.dataset import pair_prompts
 from pipeline.stats import summarize
-from conftest import make_cfg
+from conftest import make_cfg, pairs_for
 from test_prompts import small_dataset
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
 @pytest.mark.parametrize("which", ["tiny_model", "embedded_model"])
-def test_layer_attribution_sums_to_logit_diff(which, request):
+def test_layer_attribution_sums_to_the_metric(which, metric, request):
     model = request.getfixturevalue(which)
-    pairs = pair_prompts(model, small_dataset(10), make_cfg([]).direction, True)
+    pairs = pairs_for(model, small_dataset(10), make_cfg([f"metric={metric}"]))
     assert len(set(pairs.clean.last.tolist())) > 1
     r = attribute(model, pairs.clean, pairs.answers, batch_size=4)
-    torch.testing.assert_close(r["layer"].sum(0), r["model_logit_diff"], atol=1e-3, rtol=0)
-    torch.testing.assert_close(r["logit_lens"][-1], r["model_logit_diff"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(r["layer"].sum(0), r["model_metric"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(r["logit_lens"][-1], r["model_metric"], atol=1e-3, rtol=0)
     attn = [i for i, label in enumerate(r["labels"]["layer"]) if label.endswith("attn_out")]
     b_O = getattr(model.blocks[0].attn, "b_O", None)
     if b_O is None or float(b_O.detach().abs().max()) == 0:
         torch.testing.assert_close(r["head"].sum(1), r["layer"][attn], atol=1e-3, rtol=0)
 
 
-def test_batched_attribution_equals_single(tiny_model):
-    pairs = pair_prompts(tiny_model, small_dataset(6), make_cfg([]).direction, True)
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
+def test_batched_attribution_equals_single(tiny_model, metric):
+    pairs = pairs_for(tiny_model, small_dataset(6), make_cfg([f"metric={metric}", "direction=sae_clean"]))
     batched = attribute(tiny_model, pairs.corrupted, pairs.answers, batch_size=6)
     single = attribute(tiny_model, pairs.corrupted, pairs.answers, batch_size=1)
-    for key in ("logit_lens", "layer", "head", "model_logit_diff"):
+    for key in ("logit_lens", "layer", "head", "model_metric"):
         torch.testing.assert_close(batched[key], single[key], atol=1e-4, rtol=0)
 
 

@@ -9,10 +9,9 @@ import torch
 
 from pipeline.circuit import edges
 from pipeline.circuit.graph import Graph, edge_hooks
-from pipeline.data.dataset import pair_prompts
-from pipeline.metrics import gather_last, logit_diff
+from pipeline.metrics import gather_last
 from pipeline.model import load_model
-from conftest import make_cfg
+from conftest import make_cfg, pairs_for
 from test_patching import equal_length_pairs
 from test_prompts import small_dataset
 
@@ -84,7 +83,7 @@ def metric_with_shift(model, pairs, site, index, shift):
         return x
     with torch.no_grad():
         logits = model.run_with_hooks(pairs.clean.tokens, fwd_hooks=[(site, add)])
-    return logit_diff(gather_last(logits, pairs.clean.last), pairs.answers).double()
+    return pairs.answers.values(gather_last(logits, pairs.clean.last)).double()
 
 
 def brute_force_eap(model, pairs, edge_ids, eps=1e-2):
@@ -113,21 +112,22 @@ def test_graph_counts_match_the_formula(model, gqa_model):
     assert len(set(q.edge_names())) == q.n_edges and "a1.kv1.v" in q.down_names
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
 @pytest.mark.parametrize("which", ["model", "gqa_model"])
-def test_eap_equals_brute_force_directional_derivative(which, request):
+def test_eap_equals_brute_force_directional_derivative(which, metric, request):
     model = request.getfixturevalue(which)
-    pairs = equal_length_pairs(model, 3)
+    pairs = equal_length_pairs(model, 3, metric)
     graph = Graph.of(model)
     g = torch.Generator().manual_seed(0)
     sample = torch.randperm(graph.n_edges, generator=g)[:24].tolist()
     with edge_hooks(model):
-        scores = edges.edge_scores(model, pairs, "logit_diff", "eap", batch_size=2)
+        scores = edges.edge_scores(model, pairs, metric, "eap", batch_size=2)
         brute = brute_force_eap(model, pairs, sample)
     got = scores[:, sample].double()
     assert torch.allclose(got, brute, atol=2e-3 * brute.abs().max().item() + 1e-4, rtol=2e-2), (got - brute).abs().max()
     # EAP-IG with one step is EAP; with more it differs but stays finite
     with edge_hooks(model):
-        assert torch.allclose(edges.edge_scores(model, pairs, "logit_diff", "eap_ig", ig_steps=1, batch_size=3), scores, atol=1e-5)
+        assert torch.allclose(edges.edge_scores(model, pairs, metric, "eap_ig", ig_steps=1, batch_size=3), scores, atol=1e-5)
 
 
 def naive_single_edge(model, pairs, edge):
@@ -169,13 +169,14 @@ def naive_single_edge(model, pairs, edge):
     # hooks at one site run in order; head outputs must be kept before a later site reads them
     with torch.no_grad():
         logits = model.run_with_hooks(pairs.clean.tokens, fwd_hooks=hooks)
-    return logit_diff(gather_last(logits, pairs.clean.last), pairs.answers)
+    return pairs.answers.values(gather_last(logits, pairs.clean.last))
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
 @pytest.mark.parametrize("which", ["model", "gqa_model"])
-def test_single_edge_patching_equals_naive_rebuild_and_full_empty_are_clean_corrupted(which, request):
+def test_single_edge_patching_equals_naive_rebuild_and_full_empty_are_clean_corrupted(which, metric, request):
     model = request.getfixturevalue(which)
-    pairs = equal_length_pairs(model, 3)
+    pairs = equal_length_pairs(model, 3, metric)
     graph = Graph.of(model)
     sample = torch.randperm(graph.n_edges, generator=torch.Generator().manual_seed(1))[:12].tolist()
     circuits = torch.ones(len(sample) + 2, graph.n_edges, dtype=torch.bool)
@@ -183,10 +184,10 @@ def test_single_edge_patching_equals_naive_rebuild_and_full_empty_are_clean_corr
         circuits[i, e] = False
     circuits[-1] = False  # empty; circuits[-2] is full
     with edge_hooks(model):
-        ours = edges.evaluate(model, pairs, circuits, "logit_diff", batch_size=2, rows_per_run=8)
+        ours = edges.evaluate(model, pairs, circuits, metric, batch_size=2, rows_per_run=8)
         with torch.no_grad():
-            clean = logit_diff(gather_last(model(pairs.clean.tokens), pairs.clean.last), pairs.answers)
-            corrupted = logit_diff(gather_last(model(pairs.corrupted.tokens), pairs.corrupted.last), pairs.answers)
+            clean = pairs.answers.values(gather_last(model(pairs.clean.tokens), pairs.clean.last))
+            corrupted = pairs.answers.values(gather_last(model(pairs.corrupted.tokens), pairs.corrupted.last))
         naive = torch.stack([naive_single_edge(model, pairs, e) for e in sample])
     # Nothing patched: the clean run. Bit for bit on one thread; with several threads the batched
     # matmuls of a different batch shape may round differently in the last place.
@@ -196,17 +197,18 @@ def test_single_edge_patching_equals_naive_rebuild_and_full_empty_are_clean_corr
     assert (ours[:-2] - clean).abs().max() > 1e-3  # the patches do something
 
 
-def test_mixed_lengths_batched_equals_one_prompt_at_a_time(model):
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
+def test_mixed_lengths_batched_equals_one_prompt_at_a_time(model, metric):
     ds = small_dataset(6)
-    pairs = pair_prompts(model, ds, make_cfg([]).direction, True)
+    pairs = pairs_for(model, ds, make_cfg([f"metric={metric}"]))
     assert (pairs.clean.last != pairs.corrupted.last).any()  # lengths differ
     graph = Graph.of(model)
     circuits = torch.rand(3, graph.n_edges, generator=torch.Generator().manual_seed(2)) < 0.5
     circuits[0] = True
     circuits[1] = False
     with edge_hooks(model):
-        s_batch = edges.edge_scores(model, pairs, "logit_diff", "eap_ig", ig_steps=2, batch_size=4)
-        s_one = edges.edge_scores(model, pairs, "logit_diff", "eap_ig", ig_steps=2, batch_size=1)
+        s_batch = edges.edge_scores(model, pairs, metric, "eap_ig", ig_steps=2, batch_size=4)
+        s_one = edges.edge_scores(model, pairs, metric, "eap_ig", ig_steps=2, batch_size=1)
         e_batch = edges.evaluate(model, pairs, circuits, "prob_diff", batch_size=4, rows_per_run=12)
         e_one = edges.evaluate(model, pairs, circuits, "prob_diff", batch_size=1, rows_per_run=1)
     assert torch.allclose(s_batch, s_one, atol=1e-4) and s_batch.abs().max() > 0

@@ -40,8 +40,8 @@ def tables_for(shift: float, layers: int = 2) -> dict[str, pd.DataFrame]:
                                            "mean": np.arange(layers) + shift, "ci_low": 0.0, "ci_high": 1.0}),
         "patch_head_out": patch,
         "attrpatch_resid_pre": resid,
-        "logit_diff": pd.DataFrame({"prompt_index": range(4), "feature": ["finna", "finna", "aint", "aint"],
-                                    "clean_logit_diff": [1.0, 2.0, 3.0, 4.0], "corrupted_logit_diff": [0.0, 0.0, 1.0, 1.0 - shift]}),
+        "metric": pd.DataFrame({"prompt_index": range(4), "feature": ["finna", "finna", "aint", "aint"],
+                                    "clean_metric": [1.0, 2.0, 3.0, 4.0], "corrupted_metric": [0.0, 0.0, 1.0, 1.0 - shift]}),
         # not a per-component table: no mean column, never compared
         "attribute_association": pd.DataFrame({"attribute": ["lazy"], "association": [shift]}),
     }
@@ -71,7 +71,7 @@ def test_two_directions_side_by_side(tmp_path, capsys):
     out = tmp_path / "cmp"
     written = sorted(p.name for p in (out / "tables").iterdir())
     assert written == ["compare_attrpatch_resid_pre.csv", "compare_head_attribution.csv", "compare_layer_attribution.csv",
-                       "compare_logit_diff.csv", "compare_patch_head_out.csv"]
+                       "compare_metric.csv", "compare_patch_head_out.csv"]
 
     heads = pd.read_csv(out / "tables" / "compare_head_attribution.csv")
     assert list(heads.columns[:4]) == ["rank", "layer", "head", "name"]
@@ -86,14 +86,14 @@ def test_two_directions_side_by_side(tmp_path, capsys):
     assert len(resid) == 4 and (resid["head"] == "").all()  # empty head column joins as a key
     assert (resid["diff[sae_clean - aae_clean]"] == -1.0).all()
 
-    ld = pd.read_csv(out / "tables" / "compare_logit_diff.csv").set_index(["quantity", "feature"])
+    ld = pd.read_csv(out / "tables" / "compare_metric.csv").set_index(["quantity", "feature"])
     assert ld.loc[("clean", "all"), "mean[aae_clean]"] == pytest.approx(2.5)
     assert ld.loc[("corrupted", "aint"), "diff[sae_clean - aae_clean]"] == pytest.approx(-0.5)
 
     page = (out / "comparison.html").read_text()
     assert '<script src="plotly.min.js">' in page and "cdn.plot.ly" not in page
     assert (out / "plotly.min.js").stat().st_size > 100_000
-    for name in ("head_attribution", "layer_attribution", "patch_head_out", "attrpatch_resid_pre", "logit_diff"):
+    for name in ("head_attribution", "layer_attribution", "patch_head_out", "attrpatch_resid_pre", "metric"):
         assert f"<h2>{name}</h2>" in page
     assert "attribute_association" not in page
     assert "L1H2" in capsys.readouterr().out
@@ -141,10 +141,10 @@ def test_integers_written_as_floats_still_join(tmp_path):
 
 def test_same_config_runs_are_labelled_by_directory_and_missing_tables_noted(tmp_path, capsys):
     a = make_run(tmp_path / "first")
-    only_baseline = {"logit_diff": tables_for(0.0)["logit_diff"]}
+    only_baseline = {"metric": tables_for(0.0)["metric"]}
     b = make_run(tmp_path / "second", tables=only_baseline)
     assert compare(a, b, "--out", tmp_path / "cmp") == 0
-    assert "mean[first]" in pd.read_csv(tmp_path / "cmp" / "tables" / "compare_logit_diff.csv")
+    assert "mean[first]" in pd.read_csv(tmp_path / "cmp" / "tables" / "compare_metric.csv")
     out = capsys.readouterr().out
     assert "skipped tables/head_attribution.csv: missing in second" in out
     assert "attribute_association" not in out

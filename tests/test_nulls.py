@@ -11,10 +11,10 @@ import torch
 
 from pipeline.data.answers import choose_answers, gaps
 from pipeline.data.builder import build_rows, probe
-from pipeline.data.stereotypes import load_katz_braly
+from pipeline.data.stereotypes import average_precision, load_stereotypes, stereotype_agreement
 from pipeline.data.resources import load_attributes
 from pipeline.errors import PipelineError
-from pipeline.nulls import baseline_null, benjamini_hochberg, list_agreement, sign_flip_test
+from pipeline.nulls import baseline_null, benjamini_hochberg, sign_flip_test
 from pipeline.runner import run
 from pipeline.stages.report import build_report
 from pipeline.stats import summary_table
@@ -152,29 +152,36 @@ def test_fixed_answers_null_negates_gaps():
     assert table.loc[0, "p_perm"] == pytest.approx(1 / 8)  # only the identity of 8 patterns reaches mean 2
 
 
-def test_katz_braly_file_and_agreement():
-    kb = load_katz_braly()
-    assert len(kb) == 12 and set(kb.attribute) <= set(load_attributes()) and kb.percent.is_monotonic_decreasing
+def test_stereotype_file_and_agreement():
+    studies = load_stereotypes()
+    assert list(dict.fromkeys(studies.study)) == ["katz_braly", "gilbert", "karlins", "madon", "bergsieker"]
+    katz = studies[studies.study == "katz_braly"]
+    assert len(katz) == 12 and set(katz.attribute) <= set(load_attributes()) and katz.score.is_monotonic_decreasing
+    assert float(average_precision(np.array([3.0, 2.0, 1.0]), np.array([True, False, True]))) == pytest.approx((1 + 2 / 3) / 2)
     names = load_attributes()
-    weight = np.array([dict(zip(kb.attribute, kb.percent)).get(a, 0.0) for a in names])
-    agree = list_agreement(weight + 0.001 * np.arange(len(names)), weight, 500, 0)
-    assert agree["overlap_top_k"] == 12 and agree["p_overlap"] < 0.01 and agree["p_spearman"] < 0.01
-    disagree = list_agreement(-weight, weight, 500, 0)
-    assert disagree["overlap_top_k"] == 0 and disagree["p_overlap"] > 0.5 and disagree["p_spearman"] > 0.5
+    weight = np.array([dict(zip(katz.attribute, katz.score)).get(a, 0.0) for a in names])
+    table, model = stereotype_agreement(pd.DataFrame({"attribute": names, "association": weight - 0.001 * np.arange(len(names))}), 500, 0)
+    first = table.iloc[0]
+    assert first.study == "katz_braly" and first.year == 1933 and first.agreement == pytest.approx(1.0) and first.p_perm < 0.01
+    assert first.chance < 0.2 and table.year.is_monotonic_increasing and len(table) == 5
+    assert model["aae_top5"] == list(katz.attribute.head(5)) and np.isfinite(model["favorability_aae_top5"])
+    reverse, _ = stereotype_agreement(pd.DataFrame({"attribute": names, "association": -weight}), 500, 0)
+    assert reverse.iloc[0].agreement < reverse.iloc[0].chance and reverse.iloc[0].p_perm > 0.5
 
 
 def test_stages_write_nulls_and_significance(tmp_path, tiny_model):
-    cfg = make_cfg(["model=tiny", "dataset.max_prompts=24", "stage.stages=[data,cache,attribution]",
+    cfg = make_cfg(["model=tiny", "dataset.max_prompts=24", "stage.stages=[data,cache,attribution]", "metric=logit_diff",
                     "nulls.permutations=200", "nulls.bootstrap=200", "attribution.bootstrap=100"])
     run(cfg, tmp_path)
     null = pd.read_csv(tmp_path / "tables" / "baseline_null.csv")
     assert null.feature[0] == "all" and (null.answers == "cross_fit").all() and null.feature.nunique() == len(null) > 2
     base = json.loads((tmp_path / "tables" / "baseline.json").read_text())
-    gap = base["clean_mean_logit_diff"] - base["corrupted_mean_logit_diff"]
+    gap = base["clean_mean"] - base["corrupted_mean"]
     assert null.gap[0] == pytest.approx(gap, abs=1e-5)
     assoc = pd.read_csv(tmp_path / "tables" / "attribute_association.csv")
     assert {"null_low", "null_high", "p_perm", "q_bh", "significant_bh"} <= set(assoc.columns)
-    assert {"overlap_top_k", "spearman", "p_spearman"} <= set(json.loads((tmp_path / "tables" / "katz_braly_agreement.json").read_text()))
+    agreement = json.loads((tmp_path / "tables" / "stereotype_agreement.json").read_text())
+    assert len(agreement["studies"]) == 5 and {"agreement", "chance", "p_perm"} <= set(agreement["studies"][0])
     heads = pd.read_csv(tmp_path / "tables" / "head_attribution.csv")
     assert heads.p_signflip.between(0, 1).all() and heads.significant_bh.dtype == bool
     both = pd.read_csv(tmp_path / "tables" / "head_attribution_both_sides.csv").pivot(index="name", columns="side", values="mean")
@@ -182,7 +189,8 @@ def test_stages_write_nulls_and_significance(tmp_path, tiny_model):
     page = build_report(tmp_path)
     section = page[page.index('<section id="nulls">'):]
     section = section[:section.index("</section>")]
-    assert "Is the effect real?" in section and "cross_fit" in section and "Katz" in section
+    assert "Is the effect real?" in section and "cross_fit" in section
+    assert "Katz &amp; Braly" in page[page.index('<section id="stereotypes">'):]
     assert f"{null.p_perm[0]:.3f}" in section and "head_attribution.csv" in section
     assert "null 95% band" in page[page.index('<section id="baseline">'):page.index('<section id="nulls">')]
 

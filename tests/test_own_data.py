@@ -117,7 +117,7 @@ def test_bad_input_files(tmp_path, reader, name, text, needles):
 def test_task_presets_pass_the_checks_and_fit_the_default_tokenizer(tiny_model):
     """The tiny model has the embedded model's tokenizer: the fixed answers of every task must be
     one token for it, so `+task=<name>` runs every stage on the default model."""
-    assert TASKS == ["conviction", "death_penalty", "occupations", "traits"]
+    assert TASKS == ["conviction", "death_penalty", "occupations", "overt", "traits"]
     for task in TASKS:
         cfg = make_cfg([f"+task={task}"]).dataset
         assert cfg.task == task
@@ -144,12 +144,12 @@ def test_user_pairs_with_the_conviction_task_run_every_stage(tmp_path):
     table = pd.read_csv(run_dir / "tables" / "attribute_association.csv")
     assert set(table.attribute) == {"convicted", "acquitted", "guilty", "innocent"}
     assert table.set_index("attribute").n_tokens["acquitted"] == 2
-    logit_diff = pd.read_csv(run_dir / "tables" / "logit_diff.csv")
+    logit_diff = pd.read_csv(run_dir / "tables" / "metric.csv")
     assert set(logit_diff.correct) == {" guilty"}
     left_out = json.loads(safe_open_metadata(run_dir / "tensors" / "guise_logprobs.safetensors")["not_answers"])
     assert list(left_out) == ["acquitted"] and "2 tokens" in left_out["acquitted"]
     report = (run_dir / "report.html").read_text()
-    assert "Left out of the answers" in report and "acquitted (2 tokens)" in report
+    assert "left out of the one-token metric" in report and "acquitted (2 tokens)" in report
     assert "guilty (AAE side) / innocent (SAE side), every prompt" in report and "conviction" in report
 
     # A two-token answer: the analyses that read one token stop before probing, with one line that

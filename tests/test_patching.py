@@ -11,12 +11,11 @@ from pipeline.data.builder import build_rows
 from pipeline.data.dataset import pair_prompts
 from pipeline.patching.engine import run_cells
 from pipeline.patching.sweeps import SWEEPS, axis_size, cells_of
-from pipeline.metrics import logit_diff
-from conftest import make_cfg
+from conftest import make_cfg, pairs_for
 from test_prompts import small_dataset
 
 
-def equal_length_pairs(model, n=4):
+def equal_length_pairs(model, n=4, metric="logit_diff"):
     """Prompts of one template whose clean and corrupted sides all have the same token length."""
     rows = build_rows()
     tok = model.tokenizer
@@ -27,7 +26,7 @@ def equal_length_pairs(model, n=4):
     assert len(group) >= 3
     group.insert(2, "best_attr_aae", "lazy")
     group.insert(3, "best_attr_sae", "intelligent")
-    pairs = pair_prompts(model, group.reset_index(drop=True), make_cfg([]).direction, True)
+    pairs = pairs_for(model, group.reset_index(drop=True), make_cfg([f"metric={metric}"]))
     assert not (pairs.clean.attention_mask == 0).any() and torch.equal(pairs.clean_pos, pairs.corrupted_pos)
     return pairs
 
@@ -45,12 +44,13 @@ TL_SWEEPS = {
 }
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
 @pytest.mark.parametrize("sweep", list(SWEEPS))
-def test_sweeps_equal_transformer_lens(tiny_model, sweep):
+def test_sweeps_equal_transformer_lens(tiny_model, sweep, metric):
     model = tiny_model
-    pairs = equal_length_pairs(model)
+    pairs = equal_length_pairs(model, metric=metric)
     _, clean_cache = model.run_with_cache(pairs.clean.tokens)
-    metric = lambda logits: logit_diff(logits[:, -1].float(), pairs.answers)  # noqa: E731 (no padding here)
+    metric = lambda logits: pairs.answers.values(logits[:, -1].float())  # noqa: E731 (no padding here)
     reference = TL_SWEEPS[sweep](model, pairs.corrupted.tokens, clean_cache, metric)
     for part, tl in zip(SWEEPS[sweep], reference):
         tl = tl if isinstance(tl, torch.Tensor) else tl.values  # a PatchingResult keeps per-prompt values
@@ -61,9 +61,10 @@ def test_sweeps_equal_transformer_lens(tiny_model, sweep):
         torch.testing.assert_close(mine, tl.float(), atol=1e-4, rtol=0, msg=f"{sweep}/{part}")
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
 @pytest.mark.parametrize("part", ["resid_pre", "mlp_out", "output", "key", "pattern"])
-def test_fast_engine_equals_reference_on_padded_prompts(tiny_model, part):
-    pairs = pair_prompts(tiny_model, small_dataset(7), make_cfg([]).direction, True)
+def test_fast_engine_equals_reference_on_padded_prompts(tiny_model, part, metric):
+    pairs = pairs_for(tiny_model, small_dataset(7), make_cfg([f"metric={metric}"]))
     assert (pairs.clean.last != pairs.corrupted.last).any()
     fast, ref = ours(tiny_model, pairs, part, True, 3), ours(tiny_model, pairs, part, False, 3)
     assert torch.equal(torch.isnan(fast), torch.isnan(ref))
@@ -87,7 +88,7 @@ def test_fast_engine_equals_reference_on_embedded_model(embedded_model):
     from pipeline.patching.sweeps import all_position_pairs
 
     model = embedded_model
-    pairs = pair_prompts(model, small_dataset(4), make_cfg([]).direction, True)
+    pairs = pairs_for(model, small_dataset(4), make_cfg([]))  # the favorability metric
     assert PreparedBatch(model, pairs, slice(0, 4), set(), True, all_position_pairs(pairs)).recording is not None
     for part, layers in (("resid_pre", (29,)), ("value", (0, 29)), ("query", (14,)), ("pattern", (28,))):
         cells = [c for c in cells_of(model, pairs, part) if c.layer in layers]
@@ -100,7 +101,7 @@ def test_attribution_patching_tracks_exact_patching(tiny_model):
     from pipeline.patching.attribution_patching import estimate
     from pipeline.stages.patching import agreement_scores
 
-    pairs = pair_prompts(tiny_model, small_dataset(6), make_cfg([]).direction, True)
+    pairs = pair_prompts(tiny_model, small_dataset(6), make_cfg(["metric=logit_diff"]).direction, True)
     approx = estimate(tiny_model, pairs, ["resid_pre", "output"], batch_size=3)
     # Micro-batches group prompts by length: each estimate still lands on its own prompt, and
     # equals the estimate of that prompt run alone.
@@ -119,11 +120,49 @@ def test_attribution_patching_tracks_exact_patching(tiny_model):
     torch.testing.assert_close(approx["resid_pre"][0, first], unpatched, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
+def test_attribution_patching_is_the_directional_derivative(tiny_model, metric):
+    """Attribution patching's change of a cell equals the central finite difference of the metric
+    along (clean - corrupted activation) at that cell's positions, prompt by prompt, on padded
+    prompts of mixed lengths: the gradient estimate is exact to first order for any linear metric."""
+    from pipeline.forward import last_token_logits
+    from pipeline.patching.attribution_patching import estimate
+    from pipeline.patching.sweeps import all_position_pairs
+
+    pairs = pairs_for(tiny_model, small_dataset(5), make_cfg([f"metric={metric}"]))
+    approx = estimate(tiny_model, pairs, ["resid_pre", "output"], batch_size=2)
+    all_pos = all_position_pairs(pairs)
+    with torch.no_grad():
+        _, clean_cache = tiny_model.run_with_cache(pairs.clean.tokens, attention_mask=pairs.clean.attention_mask)
+        _, corr_cache = tiny_model.run_with_cache(pairs.corrupted.tokens, attention_mask=pairs.corrupted.attention_mask)
+    base = pairs.answers.values(last_token_logits(tiny_model, pairs.corrupted))
+    eps, layer, role = 1e-2, 1, pairs.role_names.index("utt_last")
+    cases = [("resid_pre", role, "blocks.1.hook_resid_pre"), ("output", 2, "blocks.1.attn.hook_z")]
+    for part, index, hook in cases:
+        delta = torch.zeros_like(corr_cache[hook])
+        for i in range(len(pairs)):
+            if part == "resid_pre":
+                k, c = pairs.corrupted_pos[i, role], pairs.clean_pos[i, role]
+                delta[i, k] = clean_cache[hook][i, c] - corr_cache[hook][i, k]
+            else:
+                k, c = all_pos[i]
+                delta[i, k, index] = clean_cache[hook][i, c, index] - corr_cache[hook][i, k, index]
+
+        def shifted(sign):
+            hooks = [(hook, lambda x, hook: x + sign * eps * delta)]
+            with torch.no_grad():
+                return pairs.answers.values(last_token_logits(tiny_model, pairs.corrupted, hooks))
+
+        derivative = (shifted(1) - shifted(-1)) / (2 * eps)
+        torch.testing.assert_close(approx[part][layer, index] - base, derivative, atol=2e-3, rtol=2e-2)
+        assert derivative.abs().max() > 1e-3
+
+
 def test_normalized_metric_is_the_notebooks_and_zero_when_nothing_changes():
     from pipeline.metrics import Anchors
 
     clean, corrupted = torch.tensor([2.0, 1.0, 3.0, 0.5]), torch.tensor([0.0, -1.0, 1.0, -2.0])
-    anchors = Anchors.from_logit_diffs(clean, corrupted)
+    anchors = Anchors.from_values(clean, corrupted)
     patched = torch.tensor([1.0, 0.0, 2.5, -1.0])
     notebook = (patched.mean() - corrupted.mean()) / (clean.mean() - corrupted.mean())
     torch.testing.assert_close(anchors.normalize(patched).mean(), notebook)

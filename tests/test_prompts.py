@@ -8,7 +8,6 @@ import torch
 from pipeline.data.builder import build_rows
 from pipeline.data.dataset import pair_prompts, select
 from pipeline.forward import map_last_logits
-from pipeline.metrics import logit_diff
 from pipeline.prompts import assign_roles, split_by_difference, tokenize
 from conftest import make_cfg
 
@@ -65,9 +64,9 @@ def test_batched_logit_diff_equals_one_at_a_time(tiny_model, embedded_model):
         pairs = pair_prompts(model, df, make_cfg([]).direction, True)
         batch = pairs.corrupted
         assert len(set(batch.last.tolist())) > 1, "prompts must have mixed lengths"
-        batched = map_last_logits(model, batch, 10, lambda lg, rows: logit_diff(lg, pairs.answers[rows]))
+        batched = map_last_logits(model, batch, 10, lambda lg, rows: pairs.answers[rows].values(lg))
         single = torch.cat([
-            logit_diff(model(model.to_tokens(p))[:, -1].float(), pairs.answers[i : i + 1]) for i, p in enumerate(batch.prompts)
+            pairs.answers[i : i + 1].values(model(model.to_tokens(p))[:, -1]) for i, p in enumerate(batch.prompts)
         ])
         torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
 
@@ -78,7 +77,9 @@ def test_direction_override_swaps_sides_and_answers(tiny_model):
     sae = pair_prompts(tiny_model, df, make_cfg(["direction=sae_clean"]).direction, True)
     assert aae.clean.prompts == sae.corrupted.prompts == list(df.prompt_aae)
     assert aae.corrupted.prompts == sae.clean.prompts == list(df.prompt_sae)
-    assert torch.equal(aae.answers, sae.answers.flip(-1))
+    # The metric is oriented to the AAE side; sae_clean negates it (the answer order flipped).
+    assert torch.equal(aae.answers.tokens, sae.answers.tokens) and torch.equal(aae.answers.weights, -sae.answers.weights)
+    assert aae.answers.weights[0].tolist() == [1.0, -1.0]
     assert aae.role_names == sae.role_names
 
 

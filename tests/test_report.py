@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from html import escape
+from markupsafe import escape
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,19 +59,35 @@ def make_run(run_dir: Path) -> Path:
     association["ci_low"], association["ci_high"] = association.association - 0.3, association.association + 0.3
     association["n_prompts"] = 4
     write_table(run_dir / "tables" / "attribute_association.csv", association)
+    write_table(run_dir / "tables" / "baseline_null.csv", pd.DataFrame([{
+        "feature": "all", "n_prompts": 4, "n_pairs": 4, "gap": 0.0467, "ci_low": 0.0071, "ci_high": 0.0853, "sem": 0.02,
+        "detectable": 0.056, "null_mean": 0.0, "null_low": -0.04, "null_high": 0.04, "p_perm": 0.0123, "null_draws": 16,
+        "null_exact": True, "answers": "none (rated metric)"}]))
+    write_table(run_dir / "tables" / "prejudice_score.csv", pd.DataFrame([
+        {"score": "one_token", "metric": "favorability", "n_attributes": 46, "n_prompts": 4, "n_pairs": 4, "score_value": 0.0467,
+         "ci_low": 0.0071, "ci_high": 0.0853, "null_low": -0.04, "null_high": 0.04, "p_perm": 0.0123, "sd_per_pair": 0.23,
+         "pair_pearson_r": 0.61, "pair_sign_agreement": 0.75},
+        {"score": "chain_rule", "metric": "favorability", "n_attributes": 83, "n_prompts": 4, "n_pairs": 4, "score_value": 0.0931,
+         "ci_low": 0.055, "ci_high": 0.132, "null_low": -0.05, "null_high": 0.05, "p_perm": 0.0002, "sd_per_pair": 0.3,
+         "pair_pearson_r": 0.61, "pair_sign_agreement": 0.75}]))
+    from pipeline.data.stereotypes import stereotype_agreement
+    studies, model = stereotype_agreement(association, 100, 0)
+    write_json(run_dir / "tables" / "stereotype_agreement.json", {"studies": studies.to_dict("records"), "model": model})
+    write_figure(run_dir / "figures" / "stereotype_agreement.html", figures.stereotype_agreement(studies, model))
     write_json(run_dir / "tables" / "baseline.json", {
-        "direction": "aae_clean", "n_prompts": 4, "clean_mean_logit_diff": 1.25, "corrupted_mean_logit_diff": -0.5,
-        "by_feature": {"habitual_be": {"clean_logit_diff": 1.5, "corrupted_logit_diff": -0.25},
-                       "finna": {"clean_logit_diff": 1.0, "corrupted_logit_diff": -0.75}},
+        "direction": "aae_clean", "n_prompts": 4, "clean_mean": 1.25, "corrupted_mean": -0.5, "metric": "favorability",
+        "headline": "covert prejudice score (favorability)",
+        "by_feature": {"habitual_be": {"clean_metric": 1.5, "corrupted_metric": -0.25},
+                       "finna": {"clean_metric": 1.0, "corrupted_metric": -0.75}},
     })
     write_atomic(run_dir / "tables" / "test_prompt.txt", "== clean ==\nTop 0th token. Logit: 7.00 Token: | lazy|\n")
 
     fig_dir = run_dir / "figures"
     rng = np.random.default_rng(0)
     write_figure(fig_dir / "attribute_association.html", figures.attribute_association(association))
-    per_prompt = pd.DataFrame({"feature": features, "clean_logit_diff": [1.0, 2.0, 0.5, 1.5],
-                               "corrupted_logit_diff": [-0.5, 0.0, -1.0, -0.5]})
-    write_figure(fig_dir / "baseline_logit_diff.html", figures.baseline_logit_diffs(per_prompt))
+    per_prompt = pd.DataFrame({"feature": features, "clean_metric": [1.0, 2.0, 0.5, 1.5],
+                               "corrupted_metric": [-0.5, 0.0, -1.0, -0.5]})
+    write_figure(fig_dir / "baseline_metric.html", figures.baseline_metric(per_prompt, "favorability"))
     write_figure(fig_dir / "head_attribution.html", figures.heatmap(
         rng.normal(size=(2, 4)), [f"H{h}" for h in range(4)], ["L0", "L1"], "Head attribution", "head", "layer"))
     write_figure(fig_dir / "patch_resid_pre.html", figures.heatmap(
@@ -98,7 +114,15 @@ def test_report_shows_every_section_and_figure_with_its_caption(run_dir):
     report.run(make_ctx(run_dir))
     page = (run_dir / "report.html").read_text()
 
-    assert "How to read this run" in page and "0 = corrupted" in page and "1 = clean" in page
+    assert "How to read this run" in page and "clean - corrupted" in page and "normalized" in page
+    # The page opens with the covert prejudice score: value, interval, null band, p, and what it takes to see it.
+    headline = page[page.index('<section id="headline">'):page.index('<section id="run">')]
+    assert "Covert prejudice score (favorability): +0.047" in headline and "[+0.007, +0.085]" in headline
+    assert "[-0.040, +0.040]" in headline and "p = 0.0123" in headline and "every rated attribute (chain rule)" in headline
+    assert "about 6 pairs" in headline and "What it does not show" in headline
+    assert page.index('id="headline"') < page.index('id="run"') < page.index('id="dataset"')
+    stereotypes = page[page.index('<section id="stereotypes">'):]
+    assert "Katz &amp; Braly" in stereotypes and "Bergsieker et al." in stereotypes and "1933" in stereotypes
     assert "tiny-gpt2" in page and "aae_clean" in page
     for stage in ("data", "cache", "patching"):
         assert f"<td>{stage}</td>" in page
@@ -107,7 +131,7 @@ def test_report_shows_every_section_and_figure_with_its_caption(run_dir):
     assert "Top 0th token" in page                               # test_prompt.txt
     assert "lazy" in page and "smart" in page                    # attribute association tables
 
-    for stem in ["attribute_association", "baseline_logit_diff", *FIGURE_GROUP]:
+    for stem in ["attribute_association", "baseline_metric", "stereotype_agreement", *FIGURE_GROUP]:
         assert f'<iframe src="figures/{stem}.html" loading="lazy"' in page, stem
         assert escape(caption_for(stem)) in page, stem
     for group in set(FIGURE_GROUP.values()):
@@ -149,7 +173,7 @@ def test_sections_appear_only_when_their_inputs_exist(tmp_path):
     report.run(make_ctx(run_dir))
     page = (run_dir / "report.html").read_text()
     assert "boom" in page and "failed" in page
-    assert "best_attr_sae" in page                               # direction-specific reading guide
+    assert "the <b>clean</b> run reads the SAE prompts" in page   # direction-specific reading guide
     for absent in ('id="dataset"', 'id="baseline"', "<iframe", 'id="files"'):
         assert absent not in page
 

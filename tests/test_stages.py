@@ -4,15 +4,14 @@ CLI as a user runs it), and the stages' shortcuts checked against plain forward 
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from pipeline.artifacts import read_tensors
 from pipeline.attribution import attribute
-from pipeline.data.dataset import pair_prompts
 from pipeline.forward import map_last_logits
-from pipeline.metrics import logit_diff
 from pipeline.runner import run
-from conftest import make_cfg, only_run_dir, run_cli
+from conftest import make_cfg, pairs_for, only_run_dir, run_cli
 
 
 def test_embedded_model_end_to_end(tmp_path):
@@ -34,7 +33,7 @@ def test_embedded_model_end_to_end(tmp_path):
     assert list(dataset.columns[:4]) == ["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae"]
     assert {"feature", "template"} <= set(dataset.columns) and len(dataset) == 6
     assert dataset.feature.nunique() == 6  # the subset spreads over features
-    for name in ("report.html", "run.log", ".hydra/config.yaml", "tables/logit_diff.csv", "tables/test_prompt.txt",
+    for name in ("report.html", "run.log", ".hydra/config.yaml", "tables/metric.csv", "tables/test_prompt.txt",
                  "tables/attribute_association.csv", "tables/head_attribution.csv", "tables/patch_resid_pre.csv",
                  "tables/attrpatch_agreement.csv", "tensors/patch_resid_pre.safetensors",
                  "figures/logit_lens.html", "figures/patch_head_out.html", "figures/attention_top_heads.html"):
@@ -47,22 +46,27 @@ def test_embedded_model_end_to_end(tmp_path):
     assert "layer attribution closes" in (run_dir / "run.log").read_text()
 
 
-def test_baseline_from_probing_equals_forward_passes(tmp_path, tiny_model):
+@pytest.mark.parametrize("metric", ["favorability", "logit_diff"])
+def test_baseline_from_probing_equals_forward_passes(tmp_path, tiny_model, metric):
     for direction in ("aae_clean", "sae_clean"):
-        cfg = make_cfg(["model=tiny", "dataset.max_prompts=9", f"direction={direction}", "stage.stages=[data,cache]"])
+        cfg = make_cfg(["model=tiny", "dataset.max_prompts=9", f"direction={direction}", f"metric={metric}",
+                        "stage.stages=[data,cache]"])
         run(cfg, tmp_path / direction)
         base = read_tensors(tmp_path / direction / "tensors" / "baseline.safetensors")
         df = pd.read_csv(tmp_path / direction / "dataset.csv", dtype=str, keep_default_na=False)
-        pairs = pair_prompts(tiny_model, df, cfg.direction, True)
+        pairs = pairs_for(tiny_model, df, cfg)
+        assert pairs.answers.tokens.shape[1] == (2 if metric == "logit_diff" else 46)
         for side in ("clean", "corrupted"):
-            forward = map_last_logits(tiny_model, getattr(pairs, side), 4, lambda lg, r: logit_diff(lg, pairs.answers[r]))
-            torch.testing.assert_close(base[f"{side}_logit_diff"], forward, atol=1e-4, rtol=0)
+            forward = map_last_logits(tiny_model, getattr(pairs, side), 4, lambda lg, r: pairs.answers[r].values(lg))
+            torch.testing.assert_close(base[f"{side}_metric"], forward, atol=1e-4, rtol=0)
 
 
-def test_attribution_from_probing_equals_its_own_pass(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("metric", ["favorability", "logit_diff"])
+def test_attribution_from_probing_equals_its_own_pass(tmp_path, tiny_model, monkeypatch, metric):
     """The attribution stage reads what the data stage kept from its probing pass (multi-token
     attributes packed behind each prompt, micro-batches of 4); it equals a pass of its own
-    (pipeline/attribution.py: attribute) on the run's prompt pairs, for both directions."""
+    (pipeline/attribution.py: attribute) on the run's prompt pairs, for both directions and for
+    the favorability metric as for the logit difference."""
     import pipeline.stages.attribution as stage
 
     def no_pass(*args, **kwargs):
@@ -70,15 +74,15 @@ def test_attribution_from_probing_equals_its_own_pass(tmp_path, tiny_model, monk
 
     monkeypatch.setattr(stage, "attribute", no_pass)
     for direction in ("aae_clean", "sae_clean"):
-        cfg = make_cfg(["model=tiny", "dataset.max_prompts=9", f"direction={direction}", "batch_size=4",
+        cfg = make_cfg(["model=tiny", "dataset.max_prompts=9", f"direction={direction}", "batch_size=4", f"metric={metric}",
                         "stage.stages=[data,cache,attribution]", "attribution.bootstrap=50", "nulls.permutations=50"])
         run(cfg, tmp_path / direction)
         got = read_tensors(tmp_path / direction / "tensors" / "attribution.safetensors")
         df = pd.read_csv(tmp_path / direction / "dataset.csv", dtype=str, keep_default_na=False)
-        pairs = pair_prompts(tiny_model, df, cfg.direction, True)
+        pairs = pairs_for(tiny_model, df, cfg)
         for side in ("clean", "corrupted"):
             ref = attribute(tiny_model, getattr(pairs, side), pairs.answers, 3)
-            for key in ("logit_lens", "layer", "head", "model_logit_diff"):
+            for key in ("logit_lens", "layer", "head", "model_metric"):
                 torch.testing.assert_close(got[f"{side}/{key}"], ref[key], atol=1e-4, rtol=0)
             kept = read_tensors(tmp_path / direction / "tensors" / "guise_attribution.safetensors")
             guise = cfg.direction[side]

@@ -44,14 +44,14 @@ def test_multirun_gives_each_job_its_own_run_and_compare_reads_it(tmp_path):
     for job, direction in (("0", "aae_clean"), ("1", "sae_clean")):
         assert f"direction={direction}" in OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml")
         assert OmegaConf.load(sweep / job / ".hydra" / "config.yaml").direction.name == direction
-        assert (sweep / job / "tables" / "logit_diff.csv").exists()
+        assert (sweep / job / "tables" / "metric.csv").exists()
 
-    # compare on the multirun directory itself: only logit_diff.csv is there after stage=cache
+    # compare on the multirun directory itself: only metric.csv is there after stage=cache
     result = run_cli(["compare", str(sweep)], tmp_path)
     assert result.returncode == 0, result.stderr
     [out] = sweep.glob("comparison-*")
     assert (out / "comparison.html").exists() and (out / "plotly.min.js").exists()
-    table = pd.read_csv(out / "tables" / "compare_logit_diff.csv", keep_default_na=False)
+    table = pd.read_csv(out / "tables" / "compare_metric.csv", keep_default_na=False)
     assert {"mean[aae_clean]", "mean[sae_clean]", "diff[sae_clean - aae_clean]"} <= set(table.columns)
     # The directions mirror each other: sae_clean's clean side is aae_clean's corrupted side with
     # the answers swapped, so its mean logit difference is the negative.

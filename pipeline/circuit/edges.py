@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from pipeline.circuit.graph import Graph, enable_edge_hooks
 from pipeline.errors import PipelineError
 from pipeline.forward import last_token_logits, model_device
-from pipeline.metrics import metric_values
+from pipeline.metrics import AnswerWeights, metric_values
 from pipeline.patching.sweeps import all_position_pairs
 from pipeline.prompts import PairedPrompts, PromptBatch, micro_batches
 
@@ -111,7 +111,7 @@ class Reference:
     coordinates (see the module docstring for tokens without a counterpart)."""
 
     clean: PromptBatch
-    answers: torch.Tensor
+    answers: AnswerWeights
     corrupted: torch.Tensor  # [b, n_up, pos, d_model], 0 where unmatched
     matched: torch.Tensor  # [b, pos] bool
 
@@ -291,4 +291,4 @@ def _run_circuits(model, graph, ref: Reference, corrupted, clean_last, notin, me
         hooks.append((name, patcher(index, n_before)))
     with torch.no_grad():
         last = last_token_logits(model, batch, hooks)
-    return metric_values(metric, last, ref.answers.repeat(c, 1), clean_last.repeat(c, 1)).float()
+    return metric_values(metric, last, ref.answers.repeat(c), clean_last.repeat(c, 1)).float()

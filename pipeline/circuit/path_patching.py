@@ -100,7 +100,7 @@ def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_s
                 values = _run_senders(model, graph, corr, corr_res, mapped, group, recv, answers, clean_last, metric)
             for g, (l, h) in enumerate(group):
                 raw[l, h, rows] = values[g * b:(g + 1) * b].cpu()
-    anchors = Anchors.from_logit_diffs(clean_m, corr_m)
+    anchors = Anchors.from_values(clean_m, corr_m)
     if abs(anchors.clean - anchors.corrupted) < 1e-9:
         raise PipelineError("path patching: the clean and corrupted mean metric are equal, the normalized metric is undefined")
     return anchors.normalize(raw), anchors
@@ -132,7 +132,7 @@ def _to_logits_last_token(model, graph, corr, corr_res, mapped, group, answers, 
     normed = model.ln_final(final[:, None])[:, 0]
     b_U = getattr(model, "b_U", None)
     logits = normed @ model.W_U + (b_U if b_U is not None else 0)
-    return metric_values(metric, logits, answers.repeat(c, 1), clean_last.repeat(c, 1)).float()
+    return metric_values(metric, logits, answers.repeat(c), clean_last.repeat(c, 1)).float()
 
 
 def _last_token_cache(model, graph, corr) -> dict:
@@ -202,4 +202,4 @@ def _run_senders(model, graph, corr, corr_res, mapped, group, recv, answers, cle
 
         with torch.no_grad():
             last = last_token_logits(model, batch, [(graph.in_hook(l, kind), put((l, kind, i), i)) for l, kind, i in recv])
-    return metric_values(metric, last, answers.repeat(c, 1), clean_last.repeat(c, 1)).float()
+    return metric_values(metric, last, answers.repeat(c), clean_last.repeat(c, 1)).float()

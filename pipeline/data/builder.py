@@ -16,9 +16,8 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
-from pipeline.attribution import LastTokenRecord, record_attributions
+from pipeline.attribution import LastTokenRecord
 from pipeline.data.answers import choose_answers
 from pipeline.data.inputs import fill
 from pipeline.data.resources import load_pairs, load_templates
@@ -73,8 +72,10 @@ def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, pre
     With `multi_token=False` only one-token attributes (and the answer pair) are scored: the
     old, cheaper probing. Returns the rows with their answers, the log-probabilities, the
     attribute names, the attributes left out of the answers with the reason, and (with `record`)
-    each guise's direct logit attributions on the direction best_attr_aae - best_attr_sae, kept
-    from the same pass ({"aae": attribute()-like dict, "sae": ...}; else None)."""
+    each guise's LastTokenRecord result from the same pass, projected on the unembedding column of
+    every one-token attribute (`answer_columns` order) with each prompt's last position under
+    "last" ({"aae": ..., "sae": ...}; else None): any metric over those tokens follows from it
+    (pipeline/attribution.py record_attributions)."""
     pair = list(answer_pair or [])
     names = list(attributes)
     attrs = attribute_tokens(model, names)
@@ -94,7 +95,7 @@ def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, pre
         raise PipelineError("fewer than two attributes are one token for this model's tokenizer, so no prompt can get "
                             "two one-token answers: add one-token attributes or set dataset.answer_pair")
     record = record and all(len(attrs.ids[i]) == 1 for i in candidates)  # a multi-token answer pair has no one column
-    logp, records, lasts = {}, {}, {}
+    logp, records = {}, None
     for side in ("aae", "sae"):
         splits = [(t.split("{}")[0], u, t.split("{}")[1]) for t, u in zip(rows.template, rows[f"utterance_{side}"])]
         batch = tokenize(model, list(rows[f"prompt_{side}"]), splits, prepend_bos)
@@ -102,20 +103,16 @@ def probe(model, rows: pd.DataFrame, attributes: list[str], batch_size: int, pre
         started = time.perf_counter()
         logp[side] = score_attributes(model, batch, attrs, batch_size, desc=f"probing {side.upper()}", record=rec)
         log.info("probing %s: %d prompts, %d attributes in %.1f s", side.upper(), len(batch), len(names), time.perf_counter() - started)
-        records[side], lasts[side] = rec and rec.result(), batch.last
+        if rec is not None:
+            records = records or {}
+            records[side] = {**rec.result(), "last": batch.last, "tokens": [attrs.ids[i][0] for i in candidates]}
     assoc = (logp["aae"] - logp["sae"]).numpy()[:, candidates]
     choices = [names[i] for i in candidates]
     aae, sae = choose_answers(assoc, choices, rows.pair_id, answers, answer_pair)
     out = rows.copy()
     out.insert(2, "best_attr_aae", [choices[i] for i in aae])
     out.insert(3, "best_attr_sae", [choices[i] for i in sae])
-    attributions = None
-    if record:  # the record's columns are the candidates, in the order answers index them
-        aae_t, sae_t = torch.as_tensor(aae, dtype=torch.long), torch.as_tensor(sae, dtype=torch.long)
-        answer_ids = torch.tensor([[attrs.ids[candidates[a]][0], attrs.ids[candidates[b]][0]] for a, b in zip(aae, sae)])
-        attributions = {side: {**record_attributions(records[side], aae_t, sae_t), "last": lasts[side], "answers": answer_ids}
-                        for side in ("aae", "sae")}
-    return out, logp, names, left_out, attributions
+    return out, logp, names, left_out, records
 
 
 def answer_columns(names: list[str], left_out) -> list[int]:

@@ -9,6 +9,7 @@ import torch
 from pipeline.data.builder import interleave
 from pipeline.data.resources import packaged_templates
 from pipeline.errors import PipelineError
+from pipeline.metrics import AnswerWeights
 from pipeline.prompts import PairedPrompts, align_roles, split_by_difference, split_with_template, tokenize
 
 SEED_COLUMNS = ["prompt_aae", "prompt_sae", "best_attr_aae", "best_attr_sae"]
@@ -47,12 +48,6 @@ def one_token_answers(tokenizer, words: list[str], where: str, candidates: list[
     return {w: ids(w)[0] for w in words}
 
 
-def check_attributes(model, df: pd.DataFrame, where: str) -> dict[str, int]:
-    """Every answer must be one token (with its leading space) for this model's tokenizer; returns
-    each answer's token id."""
-    return one_token_answers(model.tokenizer, sorted(set(df.best_attr_aae) | set(df.best_attr_sae)), where)
-
-
 def splits_for(df: pd.DataFrame, side: str) -> list[tuple[str, str, str]]:
     """(prefix, utterance, suffix) of every prompt on one side: by its template column, by one of
     the package's task templates, or else where the AAE and SAE prompts differ."""
@@ -72,17 +67,33 @@ def splits_for(df: pd.DataFrame, side: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def pair_prompts(model, df: pd.DataFrame, direction, prepend_bos: bool) -> PairedPrompts:
-    """Clean/corrupted prompts and (correct, incorrect) answers for `direction`; sae_clean swaps
-    the sides and the answer order and nothing else."""
+def direction_sign(direction) -> float:
+    """+1 for aae_clean, -1 for sae_clean: the metric's weights are oriented to the AAE side
+    (pipeline/metrics.py), and sae_clean negates them."""
+    return 1.0 if str(direction.clean) == "aae" else -1.0
+
+
+def metric_answers(tokenizer, df: pd.DataFrame, rated=None, sign: float = 1.0) -> tuple[AnswerWeights, list[tuple[str, ...]]]:
+    """The metric's answer tokens and weights for the rows of `df`, times `sign`, and each row's
+    answer tokens as text: the rated metric's (pipeline/data/ratings.py RatedMetric) where given,
+    else each row's answer pair (best_attr_aae, best_attr_sae) with weights (+1, -1)."""
+    if rated is not None:
+        words = tuple(" " + a for a in rated.one_token_names)
+        return rated.answers(len(df), sign), [words] * len(df)
+    ids = one_token_answers(tokenizer, sorted(set(df.best_attr_aae) | set(df.best_attr_sae)), "dataset")
+    tokens = torch.tensor([[ids[a], ids[b]] for a, b in zip(df.best_attr_aae, df.best_attr_sae)], dtype=torch.long)
+    return AnswerWeights.pair(tokens.reshape(-1, 2), sign), [(" " + a, " " + b) for a, b in zip(df.best_attr_aae, df.best_attr_sae)]
+
+
+def pair_prompts(model, df: pd.DataFrame, direction, prepend_bos: bool, rated=None) -> PairedPrompts:
+    """Clean/corrupted prompts for `direction` and the metric's answers (`metric_answers`):
+    sae_clean swaps the sides and negates the weights and nothing else."""
     clean, corrupt = direction.clean, direction.corrupted
-    answer_words = list(zip(df[f"best_attr_{clean}"], df[f"best_attr_{corrupt}"]))
-    ids = check_attributes(model, df, "dataset")
-    answers = torch.tensor([[ids[a], ids[b]] for a, b in answer_words])
+    answers, answer_strs = metric_answers(model.tokenizer, df, rated, direction_sign(direction))
     clean_batch = tokenize(model, list(df[f"prompt_{clean}"]), splits_for(df, clean), prepend_bos)
     corrupt_batch = tokenize(model, list(df[f"prompt_{corrupt}"]), splits_for(df, corrupt), prepend_bos)
     names, cpos, kpos = align_roles(clean_batch, corrupt_batch)
-    return PairedPrompts(clean_batch, corrupt_batch, answers, [(" " + a, " " + b) for a, b in answer_words], names, cpos, kpos)
+    return PairedPrompts(clean_batch, corrupt_batch, answers, answer_strs, names, cpos, kpos)
 
 
-__all__ = ["SEED_COLUMNS", "select", "check_attributes", "one_token_answers", "pair_prompts", "interleave"]
+__all__ = ["SEED_COLUMNS", "select", "metric_answers", "one_token_answers", "pair_prompts", "direction_sign", "interleave"]

@@ -3,7 +3,8 @@
 - `pairs.csv`: AAE/SAE utterance pairs over eight dialect features, each in he/she/they variants;
 - `tasks/<task>/templates.txt` and `tasks/<task>/attributes.txt`: one probing task each (the
   config group conf/task/ chooses one): `traits` (the nine trait templates of matched guise probing
-  and the Katz-Braly adjectives), `conviction`, `death_penalty`, `occupations`.
+  and the Katz-Braly adjectives), `conviction`, `death_penalty`, `occupations`, and `overt` (race
+  named instead of shown by dialect, with pairs of its own in `tasks/overt/pairs.csv`).
 Each loader takes the user's file instead when one is configured; both go through the same
 readers and checks (pipeline/data/inputs.py).
 """
@@ -29,11 +30,15 @@ def task_file(task: str, kind: str) -> Path:
     return HERE / "tasks" / task / f"{kind}.txt"
 
 
-def load_pairs(path: str | None = None, feature: str | None = None) -> pd.DataFrame:
-    """Columns pair_id, feature, pronoun, aae, sae; one row per pair (the package's pairs: one per
-    pronoun variant)."""
+def load_pairs(path: str | None = None, feature: str | None = None, task: str = "traits") -> pd.DataFrame:
+    """Columns pair_id, feature, pronoun, aae, sae; one row per pair: the user's file, else the
+    task's own pairs (tasks/<task>/pairs.csv, as the overt task has), else the package's dialect
+    pairs (one per pronoun variant)."""
     if path:
         return read_pairs(path, feature)
+    own = HERE / "tasks" / task / "pairs.csv"
+    if own.is_file():
+        return read_pairs(own, key=f"task {task} pairs")
     return read_pairs(HERE / "pairs.csv", key="package pairs")
 
 

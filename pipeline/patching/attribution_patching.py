@@ -1,8 +1,9 @@
 """Attribution patching: the first-order (gradient) approximation of activation patching.
 
 One clean run and one corrupted run with gradients per micro-batch estimate every cell at once:
-patched logit difference ~ corrupted logit difference + (clean - corrupted activation) . d(logit
-difference)/d(activation), summed over the positions the exact patch would copy (role-matched).
+patched metric ~ corrupted metric + (clean - corrupted activation) . d(metric)/d(activation), summed
+over the positions the exact patch would copy (role-matched); the metric is the run's linear one
+(pipeline/metrics.py).
 
 TransformerLens's `tools.analysis.attribution_patching` scores residual-stream nodes and edges
 of one clean/corrupted batch of equal shapes; it has no per-prompt role alignment for padded
@@ -16,13 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.forward import last_token_logits, model_device
-from pipeline.metrics import logit_diff
 from pipeline.patching.sweeps import PARTS, all_position_pairs, axis_size
 from pipeline.prompts import PairedPrompts, length_order, micro_batches
 
 
 def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, desc: str | None = None) -> dict[str, torch.Tensor]:
-    """Estimated patched logit differences {part: [layer, role-or-head, prompt]} (NaN where a
+    """Estimated patched metric {part: [layer, role-or-head, prompt]} (NaN where a
     prompt lacks the role)."""
     device = model_device(model)
     n_layers = model.cfg.n_layers
@@ -59,7 +59,7 @@ def estimate(model, pairs: PairedPrompts, parts: list[str], batch_size: int, des
 
             with torch.enable_grad():
                 last_logits = last_token_logits(model, corrupted, [("hook_embed", leaf)] + [(h, keeper(h)) for h in sorted(hooks)])
-                ld = logit_diff(last_logits.float(), answers)
+                ld = answers.values(last_logits)
                 ld.sum().backward()  # prompts do not interact, so each row's gradient is its own
             ld = ld.detach().cpu()
             with torch.no_grad():
@@ -90,7 +90,7 @@ def padded_positions(all_pos: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
 
 
 def estimate_cell_changes(part, clean, corrupted, grad, clean_pos, corrupted_pos, k_idx, c_idx, valid) -> torch.Tensor:
-    """First-order change of the logit difference for every cell of one layer: [roles-or-heads, b].
+    """First-order change of the metric for every cell of one layer: [roles-or-heads, b].
     Role parts read each prompt's role positions (clean_pos / corrupted_pos, -1: no such role, NaN);
     head parts sum over the positions k_idx / c_idx [b, width] where `valid` (padded_positions)."""
     clean, corrupted, grad = clean.float(), corrupted.float(), grad.float()  # accumulate in float32 whatever the model's dtype

@@ -14,7 +14,8 @@ positions, in two interchangeable ways that give the same numbers:
     positions" start where the two prompts first differ; prompts where no patched position
     differs take the corrupted value without a run;
   * compute only what the metric reads: the final norm at each prompt's last token and the
-    logit-difference direction, never the full vocabulary at every position;
+    metric's direction (pipeline/metrics.py AnswerWeights.directions), never the full vocabulary
+    at every position;
   * batch cells: the cells of one layer and part run together, each on its own copy of the
     prompts, up to `rows_per_run` rows per forward, their patches applied as one indexed copy
     (few large matrix products instead of many small ones, which is what costs time on a CPU);
@@ -24,8 +25,8 @@ positions, in two interchangeable ways that give the same numbers:
   from the recorded block inputs instead (all positions; TransformerBridge's `start_at_layer`
   still executes the earlier blocks, so it would save nothing).
 
-Values are raw logit differences per prompt, [layer, role-or-head, prompt], NaN where a prompt
-has no such role; normalizing is the caller's job.
+Values are the raw metric per prompt (a linear metric: the logit difference or a rated metric),
+[layer, role-or-head, prompt], NaN where a prompt has no such role; normalizing is the caller's job.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.forward import model_device
-from pipeline.metrics import gather_last, logit_diff, logit_diff_directions
+from pipeline.metrics import gather_last
 from pipeline.patching import kv_forward
 from pipeline.patching.sweeps import Cell, all_position_pairs, patch_head_pattern, patch_head_vector, patch_role
 from pipeline.prompts import PairedPrompts, micro_batches
@@ -120,7 +121,7 @@ class PreparedBatch:
         self.last = self.corrupted.last.cpu()
         self.shared = shared_prefix(pairs.clean.tokens[rows], pairs.corrupted.tokens[rows])
         self.first_change = torch.tensor([first_change(k, c, int(s)) for (k, c), s in zip(self.all_pos, self.shared)])
-        self.direction, self.bias = logit_diff_directions(model, self.answers)
+        self.direction, self.bias = self.answers.directions(model)
         with torch.no_grad():
             _, cache = model.run_with_cache(self.clean.tokens, attention_mask=self.clean.attention_mask,
                                             names_filter=lambda name: name in hooks)
@@ -154,7 +155,7 @@ class PreparedBatch:
             for h in handles:
                 h.remove()
         assert len(self.block_inputs) == model.cfg.n_layers, "every block must run once in the corrupted run"
-        self.corrupted_ld = logit_diff(gather_last(logits, self.corrupted.last).float(), self.answers)
+        self.corrupted_ld = self.answers.values(gather_last(logits, self.corrupted.last))
         if not kv_forward.supported(model):
             return
         args, kwargs = self.block_inputs[0]
@@ -183,7 +184,7 @@ class PreparedBatch:
     def reference_ld(self, model, fwd_hooks) -> torch.Tensor:
         with torch.no_grad():
             logits = model.run_with_hooks(self.corrupted.tokens, attention_mask=self.corrupted.attention_mask, fwd_hooks=fwd_hooks)
-        return logit_diff(gather_last(logits, self.corrupted.last).float(), self.answers)
+        return self.answers.values(gather_last(logits, self.corrupted.last))
 
     def patched_ld(self, model, cell: Cell, sub: torch.Tensor, start: int, patch: Patch) -> torch.Tensor:
         """Logit differences of run rows `sub` (micro-batch rows, repeats allowed) with `patch` in

@@ -1,8 +1,11 @@
-"""Stage `attribution`: the notebook's "Logit Attribution" and "Attention Analysis".
+"""Stage `attribution`: the notebook's "Logit Attribution" and "Attention Analysis", on the run's
+metric (pipeline/metrics.py).
 
-Logit lens, layer attribution and head attribution on clean and corrupted prompts (each prompt
-with its own answer pair, at its real last token), summarized with bootstrap intervals and per
-dialect feature; attention of the top positive and negative heads.
+Logit lens, layer attribution and head attribution on clean and corrupted prompts (at each
+prompt's real last token) and their difference, clean - corrupted: what the dialect changes in
+each component's direct contribution, shown first in every figure. Each is summarized with pair
+bootstrap intervals, sign-flip tests and per dialect feature; attention of the heads with the
+largest positive and negative difference.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ import logging
 import numpy as np
 import pandas as pd
 import torch
+from markupsafe import Markup
 
 from pipeline import figures
 from pipeline.artifacts import read_tensors, safe_open_metadata, write_atomic, write_figure, write_table, write_tensors
 from pipeline.attribution import attribute, full_attention
+from pipeline.data.dataset import direction_sign
 from pipeline.errors import PipelineError
 from pipeline.forward import sum_tolerance
+from pipeline.metrics import LINEAR_METRICS
+from pipeline.pages import render
 from pipeline.prompts import role_sort_key
-from pipeline.stages.cache import logit_diffs_from_probing
+from pipeline.stages.cache import metric_from_probing
 from pipeline.stages.data import GUISE_ATTRIBUTION
 from pipeline.stats import summarize, summary_table, units_of
 
@@ -36,9 +43,9 @@ def top_heads(mean: torch.Tensor, k: int, sign: int) -> list[tuple[int, int]]:
 
 def run(ctx) -> None:
     cfg, model, pairs = ctx.cfg, ctx.model, ctx.pairs
-    if str(cfg.metric.name) != "logit_diff":
-        log.info("attribution: direct logit attribution decomposes the logit difference; it stays a logit-difference "
-                 "analysis under metric=%s", cfg.metric.name)
+    if str(cfg.metric.name) not in LINEAR_METRICS:
+        log.info("attribution: direct logit attribution decomposes a linear metric; under metric=%s it decomposes the "
+                 "answers' logit difference", cfg.metric.name)
     bs, n_boot, seed = int(cfg.batch_size), int(cfg.attribution.bootstrap), int(cfg.seed)
     features = list(ctx.dataset["feature"]) if "feature" in ctx.dataset else None
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -48,18 +55,18 @@ def run(ctx) -> None:
         results = {side: attribute(model, getattr(pairs, side), pairs.answers, bs, desc=f"attribution ({side})")
                    for side in ("clean", "corrupted")}
     for side, r in results.items():
-        gap = float((r["layer"].sum(0) - r["model_logit_diff"]).abs().max())
+        gap = float((r["layer"].sum(0) - r["model_metric"]).abs().max())
         tolerance = sum_tolerance(ctx.dtype, r["layer"], CLOSURE_ATOL)
         if gap > tolerance:
-            raise PipelineError(f"layer attribution does not sum to the model's logit difference on the {side} prompts "
+            raise PipelineError(f"layer attribution does not sum to the model's metric on the {side} prompts "
                                 f"(max gap {gap:.2e}, tolerance {tolerance:.1e} for {cfg.dtype})")
-        log.info("%s: layer attribution closes to the model's logit difference within %.1e (tolerance %.1e for %s)",
+        log.info("%s: layer attribution closes to the model's metric within %.1e (tolerance %.1e for %s)",
                  side, gap, tolerance, cfg.dtype)
 
     labels = results["clean"]["labels"]
     tensors = {}
     for side, r in results.items():
-        for key in ("logit_lens", "layer", "head", "model_logit_diff"):
+        for key in ("logit_lens", "layer", "head", "model_metric"):
             tensors[f"{side}/{key}"] = r[key]
     write_tensors(ctx.tensors / "attribution.safetensors", tensors,
                   metadata={"logit_lens": json.dumps(labels["logit_lens"]), "layer": json.dumps(labels["layer"]),
@@ -88,14 +95,17 @@ def run(ctx) -> None:
     write_table(ctx.tables / "head_attribution.csv", heads[heads.side == "clean"].drop(columns="side"))
     write_table(ctx.tables / "head_attribution_both_sides.csv", heads)
 
-    clean_mean = summarize(results["clean"]["head"], n_boot, seed)
+    # The heads shown with their attention: the largest positive and negative clean - corrupted
+    # difference, what the dialect changes in each head's direct contribution.
+    difference = results["clean"]["head"] - results["corrupted"]["head"]
+    diff_mean = summarize(difference, n_boot, seed)
     k = int(cfg.attribution.top_k_heads)
-    positive, negative = top_heads(clean_mean["mean"], k, +1), top_heads(clean_mean["mean"], k, -1)
-    clean_heads = heads[heads.side == "clean"].set_index("name")
-    top = pd.concat([clean_heads.loc[[f"L{l}H{h}" for l, h in positive]].assign(sign="positive"),
-                     clean_heads.loc[[f"L{l}H{h}" for l, h in negative]].assign(sign="negative")]).reset_index()
+    positive, negative = top_heads(diff_mean["mean"], k, +1), top_heads(diff_mean["mean"], k, -1)
+    diff_heads = heads[heads.side == "difference"].set_index("name")
+    top = pd.concat([diff_heads.loc[[f"L{l}H{h}" for l, h in positive]].assign(sign="positive"),
+                     diff_heads.loc[[f"L{l}H{h}" for l, h in negative]].assign(sign="negative")]).reset_index()
     write_table(ctx.tables / "top_heads.csv", top)
-    log.info("top heads by clean attribution: %s", ", ".join(f"{r['name']} {r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for _, r in top.iterrows()))
+    log.info("top heads by clean - corrupted attribution: %s", ", ".join(f"{r['name']} {r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" for _, r in top.iterrows()))
 
     write_figures(ctx, lens, layer, heads, n_layers, n_heads, features)
     write_attention(ctx, positive, negative, results["clean"]["last_attention"])
@@ -103,29 +113,29 @@ def run(ctx) -> None:
 
 def from_probing(ctx) -> dict | None:
     """The attributions the data stage kept from its probing pass (pipeline/attribution.py:
-    LastTokenRecord), turned to this run's direction, with the model's own logit differences
-    from the same pass for the closure check; None when there is no such record (a dataset given
-    as a CSV) or it does not match this run's prompts and answers."""
+    LastTokenRecord), turned to this run's direction, with the model's own metric from the same
+    pass for the closure check; None when there is no such record (a dataset given as a CSV) or
+    it does not match this run's prompts and metric."""
     path = ctx.tensors / GUISE_ATTRIBUTION
     if ctx.cfg.dataset.path or not path.exists():
         return None
-    ld = logit_diffs_from_probing(ctx)
+    ld = metric_from_probing(ctx)
     if ld is None:
         return None
     t, labels = read_tensors(path), json.loads(safe_open_metadata(path)["labels"])
     pairs, direction = ctx.pairs, ctx.cfg.direction
-    sign = 1.0 if str(direction.clean) == "aae" else -1.0  # the record's direction is best_attr_aae - best_attr_sae
-    answers = pairs.answers if sign > 0 else pairs.answers.flip(-1)
+    sign = direction_sign(direction)  # the record is oriented to the AAE side
+    same = t["answer_tokens"].shape == pairs.answers.tokens.shape and torch.equal(t["answer_tokens"], pairs.answers.tokens) \
+        and torch.equal(sign * t["answer_weights"], pairs.answers.weights)
     out = {}
     for side, guise in (("clean", direction.clean), ("corrupted", direction.corrupted)):
         batch = getattr(pairs, side)
         last = t[f"{guise}/last"]
-        if last.shape != batch.last.shape or not torch.equal(last, batch.last.cpu()) \
-                or not torch.equal(t[f"{guise}/answers"], answers.cpu()):
-            log.info("attribution: the data stage's record does not match this run's prompts or answers; running a pass")
+        if not same or last.shape != batch.last.shape or not torch.equal(last, batch.last.cpu()):
+            log.info("attribution: the data stage's record does not match this run's prompts or metric; running a pass")
             return None
         out[side] = {key: sign * t[f"{guise}/{key}"] for key in ("logit_lens", "layer", "head")}
-        out[side].update(model_logit_diff=ld[side], labels=labels,
+        out[side].update(model_metric=ld[side], labels=labels,
                          last_attention=[a[:, :, : int(n) + 1].float() for a, n in zip(t[f"{guise}/attention"], last)])
     log.info("attribution: read from the data stage's probing pass (one pass over each guise serves probing, "
              "the baseline and attribution)")
@@ -137,39 +147,45 @@ def band(table: pd.DataFrame, side: str):
     return t["mean"].to_numpy(), (t.ci_low.to_numpy(), t.ci_high.to_numpy())
 
 
+SIDES = ("difference", "clean", "corrupted")  # in panel order: what the dialect changes first
+
+
 def write_figures(ctx, lens, layer, heads, n_layers, n_heads, features) -> None:
-    direction = str(ctx.cfg.direction.name)
+    direction, metric = str(ctx.cfg.direction.name), str(ctx.cfg.metric.name)
     for name, table, title in (
-        ("logit_lens", lens, "Logit lens: logit difference from the accumulated residual stream"),
-        ("layer_attribution", layer, "Logit difference from each layer (direct attribution)"),
+        ("logit_lens", lens, "Logit lens: the metric read from the accumulated residual stream"),
+        ("layer_attribution", layer, "The metric written directly by each layer (direct attribution)"),
     ):
         values, bands = {}, {}
-        for side in ("clean", "corrupted"):
+        for side in SIDES:
             values[side], bands[side] = band(table, side)
         comp = list(table[table.side == "clean"].component)
-        write_figure(ctx.figures / f"{name}.html", figures.line(values, comp, f"{title} ({direction}, mean and 95% interval)", bands))
+        write_figure(ctx.figures / f"{name}.html", figures.difference_and_sides(
+            values, bands, comp, f"{title} ({metric}, {direction}; mean and 95% interval)", metric))
 
     facets, hovers, marks = [], [], []
-    for side in ("clean", "corrupted"):
+    for side in SIDES:
         t = heads[heads.side == side]
         z = t["mean"].to_numpy().reshape(n_layers, n_heads)
         facets.append(z)
-        hovers.append(np.array([f"{n}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}], sign-flip p {p:.3g}, BH q {q:.3g}"
-                                for n, m, lo, hi, p, q in zip(t.name, t["mean"], t.ci_low, t.ci_high, t.p_signflip, t.q_bh)]).reshape(n_layers, n_heads))
+        hovers.append(np.array([f"{n}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}], sign-flip p {p:.3g}, BH q {q:.3g}, detectable {d:.4f}"
+                                for n, m, lo, hi, p, q, d in zip(t.name, t["mean"], t.ci_low, t.ci_high, t.p_signflip, t.q_bh,
+                                                                 t.detectable)]).reshape(n_layers, n_heads))
         marks.append(t.significant_bh.to_numpy().reshape(n_layers, n_heads))
     heads_x, layers_y = [str(h) for h in range(n_heads)], [str(l) for l in range(n_layers)]
     write_figure(ctx.figures / "head_attribution.html", figures.faceted_heatmaps(
-        facets, ["clean prompts", "corrupted prompts"], heads_x, layers_y,
-        f"Logit difference from each head ({direction}; hover: mean [95% interval]; circled: nonzero after BH at "
-        f"{float(ctx.cfg.nulls.fdr):g})", "head", "layer", hovers, marks))
+        facets, ["clean - corrupted (what the dialect changes)", "clean prompts", "corrupted prompts"], heads_x, layers_y,
+        f"The metric written directly by each head ({metric}, {direction}; hover: mean [95% interval]; circled: nonzero "
+        f"after BH at {float(ctx.cfg.nulls.fdr):g})", "head", "layer", hovers, marks))
 
     if features and len(set(features)) > 1:
-        clean = heads[heads.side == "clean"]
-        cols = [c for c in clean.columns if c.startswith("mean_")]
-        zs = [clean[c].to_numpy().reshape(n_layers, n_heads) for c in cols]
-        hv = [np.array([f"{n} ({c[5:]}): {v:+.4f}" for n, v in zip(clean.name, clean[c])]).reshape(n_layers, n_heads) for c in cols]
+        diff = heads[heads.side == "difference"]
+        cols = [c for c in diff.columns if c.startswith("mean_")]
+        zs = [diff[c].to_numpy().reshape(n_layers, n_heads) for c in cols]
+        hv = [np.array([f"{n} ({c[5:]}): {v:+.4f}" for n, v in zip(diff.name, diff[c])]).reshape(n_layers, n_heads) for c in cols]
         fig = figures.small_multiples(zs, [c[5:] for c in cols], heads_x, layers_y,
-                                      f"Head attribution per dialect feature (clean prompts, {direction})", "head", "layer", hv)
+                                      f"Head attribution, clean - corrupted, per dialect feature ({metric}, {direction})",
+                                      "head", "layer", hv)
         write_figure(ctx.figures / "head_attribution_by_feature.html", fig)
 
 
@@ -189,9 +205,8 @@ def write_attention(ctx, positive, negative, last_attention) -> None:
     # One widget for all heads: each widget carries the whole circuitsvis bundle. `local_src`
     # inlines that bundle; the default string would load it from a CDN.
     view = cv.attention.attention_heads(attention=pattern, tokens=batch.str_tokens[index], attention_head_names=names)
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attention of the top heads</title></head><body>"
-            f"<h2>Top {len(positive)} positive (+) and {len(negative)} negative (-) logit attribution heads</h2>"
-            f"<p>Clean prompt {index}: {batch.prompts[index]!r}</p>\n{view.local_src}</body></html>")
+    page = render("attention_heads.html.j2", widget=Markup(view.local_src), n_positive=len(positive),
+                  n_negative=len(negative), index=index, prompt=repr(batch.prompts[index]))
     write_atomic(ctx.figures / "attention_top_heads.html", page)
 
     rows = [att[[l for l, _ in heads], [h for _, h in heads]] for att in last_attention]  # [top heads, tokens]

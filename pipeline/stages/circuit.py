@@ -27,7 +27,7 @@ from pipeline.circuit.faithfulness import curve_summary, edge_counts, random_cir
 from pipeline.circuit.graph import Graph, edge_hooks
 from pipeline.circuit.path_patching import path_patch
 from pipeline.circuit import plots
-from pipeline.metrics import check_metric
+from pipeline.metrics import LINEAR_METRICS, check_metric
 from pipeline.stages.patching import PartCheckpoint
 from pipeline.stats import summary_table
 
@@ -103,8 +103,10 @@ def run(ctx) -> None:
             pp, pp_anchors = path_patch(model, pairs_all.head(n_pp), metric, c.path_patching.receivers, bs,
                                         rows_per_run, desc="path patching")
             log.info("path patching into %s: %d prompts in %.1f s", c.path_patching.receivers, n_pp, time.perf_counter() - started)
-            write_tensors(ctx.tensors / "path_patching.safetensors", {"normalized": pp},
-                          metadata={"axes": "[layer, head, prompt]", "receivers": str(c.path_patching.receivers)})
+            write_tensors(ctx.tensors / "path_patching.safetensors", {"normalized": pp, "effect": pp * pp_anchors.gap},
+                          metadata={"axes": "[layer, head, prompt]", "receivers": str(c.path_patching.receivers),
+                                    "effect": "metric units: patched - corrupted", "gap": str(pp_anchors.gap)})
+            pp = (pp, pp_anchors.gap)
 
     write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric)
 
@@ -192,20 +194,29 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
         {k: curves[k] for k in [*methods, "random"]}, fractions,
         f"Faithfulness of the top-|score| circuits ({n_eval} prompts, {metric}, {cfg.direction.name})"))
     write_figure(ctx.figures / "circuit_edge_agreement.html", figures.scatter_agreement(
-        points, f"Edge scores against exact single-edge patching ({n_eval} prompts)"))
+        points, f"Edge scores against exact single-edge patching ({n_eval} prompts)",
+        f"exact: m(full) - m(full without the edge), {metric}", "edge score (EAP, EAP-IG)"))
     size = curves[main]["size_at_0.8"] or fractions[-1]
     k_draw = min(max(1, int(round(size * graph.n_edges))), int(c.draw_max_edges))
     write_figure(ctx.figures / "circuit_graph.html", plots.circuit_graph(
         graph, scores[main].mean(0), k_draw, f"Circuit: top {k_draw} edges by |{main} score| ({cfg.direction.name})"))
     if pp is not None:
-        mean = torch.nanmean(pp, -1).numpy()
-        fig = figures.faceted_heatmaps([mean], [f"receivers: {c.path_patching.receivers}"],
-                                       [str(h) for h in range(graph.n_heads)], [str(l) for l in range(graph.n_layers)],
-                                       f"Path patching: sender head -> {c.path_patching.receivers} ({pp.shape[-1]} prompts)<br><sup>normalized: 0 = corrupted, 1 = clean</sup>",
-                                       "sender head", "layer")
-        write_figure(ctx.figures / "path_patching.html", fig)
+        normalized, gap = pp
+        effect = normalized * gap
         keys = pd.DataFrame([(l, h) for l in range(graph.n_layers) for h in range(graph.n_heads)], columns=["layer", "head"])
-        write_table(ctx.tables / "path_patching.csv", summary_table(pp.reshape(-1, pp.shape[-1]), keys, None, n_boot, seed))
+        table = summary_table(effect.reshape(-1, effect.shape[-1]), keys, None, n_boot, seed)
+        table.insert(table.columns.get_loc("ci_high") + 1, "normalized_mean", table["mean"] / gap)
+        write_table(ctx.tables / "path_patching.csv", table)
+        hover = np.array([f"L{r.layer}H{r.head}: effect {r.mean:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}], normalized "
+                          f"{r.normalized_mean:+.3f}" for r in table.itertuples()]).reshape(graph.n_layers, graph.n_heads)
+        fig = figures.faceted_heatmaps([table["mean"].to_numpy().reshape(graph.n_layers, graph.n_heads)],
+                                       [f"receivers: {c.path_patching.receivers}"],
+                                       [str(h) for h in range(graph.n_heads)], [str(l) for l in range(graph.n_layers)],
+                                       f"Path patching: sender head -> {c.path_patching.receivers} ({effect.shape[-1]} prompts)"
+                                       f"<br><sup>effect in metric units ({metric}): patched - corrupted; hover: 95% interval "
+                                       "and normalized value (1 = clean restored)</sup>",
+                                       "sender head", "layer", [hover])
+        write_figure(ctx.figures / "path_patching.html", fig)
 
 
 def empty_gap(ctx, empty: torch.Tensor, metric: str, n_eval: int) -> dict:
@@ -213,7 +224,7 @@ def empty_gap(ctx, empty: torch.Tensor, metric: str, n_eval: int) -> dict:
     from pipeline.artifacts import read_tensors
 
     path = ctx.tensors / "baseline.safetensors"
-    if metric != "logit_diff" or not path.exists():
-        return {"note": "compared only for metric=logit_diff with the cache stage's baseline"}
-    corrupted = read_tensors(path)["corrupted_logit_diff"][:n_eval]
+    if metric not in LINEAR_METRICS or not path.exists():
+        return {"note": "compared only for a linear metric (logit_diff, favorability, prestige) with the cache stage's baseline"}
+    corrupted = read_tensors(path)["corrupted_metric"][:n_eval]
     return {"mean_abs_gap": float((empty - corrupted).abs().mean()), "max_abs_gap": float((empty - corrupted).abs().max())}

@@ -1,5 +1,9 @@
-"""Stage `patching`: the notebook's "Activation Patching" section, denoising with the normalized
-metric (0 = corrupted performance, 1 = clean).
+"""Stage `patching`: the notebook's "Activation Patching" section, denoising: each cell copies
+one clean activation into the corrupted run. Every cell's effect is reported in metric units (the
+patched metric minus the corrupted run's, per prompt, with its pair-bootstrap interval), and beside
+it the normalized metric of the notebook (the effect divided by the clean - corrupted gap of the
+metric: 0 = corrupted performance, 1 = clean); a small gap makes the normalized value noisy, the
+effect in metric units is not.
 
 Exact sweeps (resid_pre, block, head_out, head_parts) run on the first `patching.max_prompts`
 prompts with the engine of `patching.engine`, checkpointed so a killed run resumes without
@@ -61,11 +65,11 @@ class PartCheckpoint:
 
 
 def anchors_for(ctx, n: int) -> Anchors:
-    """Mean clean and corrupted logit differences of the first n prompts (from the cache stage)."""
+    """Mean clean and corrupted metric of the first n prompts (from the cache stage)."""
     base = read_tensors(ctx.tensors / "baseline.safetensors")
-    anchors = Anchors.from_logit_diffs(base["clean_logit_diff"][:n], base["corrupted_logit_diff"][:n])
+    anchors = Anchors.from_values(base["clean_metric"][:n], base["corrupted_metric"][:n])
     if abs(anchors.clean - anchors.corrupted) < 1e-6:
-        raise PipelineError("clean and corrupted mean logit differences are equal on the patching prompts: the normalized metric is undefined")
+        raise PipelineError("clean and corrupted mean metric are equal on the patching prompts: the normalized metric is undefined")
     return anchors
 
 
@@ -77,12 +81,19 @@ def axis_labels(model, pairs, part: str) -> list[str]:
 
 
 def long_table(sweep: str, part: str, values: torch.Tensor, labels: list[str], axis: str, features, n_boot, seed,
-               n_perm: int = 1000, alpha: float = 0.05, units=None) -> pd.DataFrame:
-    """[layer, x, prompt] -> one row per cell with mean, sem, 95% interval, n and per-feature means."""
+               n_perm: int = 1000, alpha: float = 0.05, units=None, gap: float | None = None) -> pd.DataFrame:
+    """[layer, x, prompt] effects (metric units) -> one row per cell with mean, sem, 95% interval,
+    the smallest detectable effect, n and per-feature means; with `gap` (clean - corrupted mean
+    metric) the normalized mean and interval beside them."""
     n_layers, n_x = values.shape[:2]
     keys = pd.DataFrame([(sweep, part, l, x if axis != "role" else "", labels[x] if axis == "role" else "")
                          for l in range(n_layers) for x in range(n_x)], columns=["sweep", "part", "layer", "head", "role"])
-    return summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed, n_perm, alpha, units)
+    table = summary_table(values.reshape(n_layers * n_x, -1), keys, features, n_boot, seed, n_perm, alpha, units)
+    if gap is not None:
+        at = table.columns.get_loc("ci_high") + 1
+        for k, column in enumerate(("mean", "ci_low", "ci_high")):
+            table.insert(at + k, f"normalized_{column}", table[column] / gap)
+    return table
 
 
 def split_fdr(tables: list[pd.DataFrame], alpha: float) -> list[pd.DataFrame]:
@@ -93,14 +104,15 @@ def split_fdr(tables: list[pd.DataFrame], alpha: float) -> list[pd.DataFrame]:
 
 
 def hover_text(table: pd.DataFrame, shape) -> np.ndarray:
-    return np.array([f"layer {r.layer}, {r.role or 'head ' + str(r.head)}<br>{r['mean']:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], n={r.n_prompts}"
-                     f"<br>sign-flip p {r.p_signflip:.3g}{' (BH significant)' if r.significant_bh else ''}"
+    return np.array([f"layer {r.layer}, {r.role or 'head ' + str(r.head)}<br>effect {r['mean']:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}], "
+                     f"n={r.n_prompts}<br>normalized {r.normalized_mean:+.3f} [{r.normalized_ci_low:+.3f}, {r.normalized_ci_high:+.3f}]"
+                     f"<br>sign-flip p {r.p_signflip:.3g}{' (BH significant)' if r.significant_bh else ''}; detectable {r.detectable:.4f}"
                      for _, r in table.iterrows()]).reshape(shape)
 
 
 def run(ctx) -> None:
     check_metric(str(ctx.cfg.metric.name), LINEAR_METRICS,
-                 "the patching stage (its fast engine projects on the logit-difference direction; use stage=circuit for other metrics)")
+                 "the patching stage (its fast engine projects on the metric's direction; use stage=circuit for other metrics)")
     cfg, model, pairs_all = ctx.cfg, ctx.model, ctx.pairs
     pcfg = cfg.patching
     sweeps = check_sweeps(pcfg.sweeps)
@@ -131,10 +143,13 @@ def run(ctx) -> None:
             raise
         log.info("patching %s: %d cells on %d prompts in %.1f s", part, len(cells), n_exact, time.perf_counter() - started)
         n_x = axis_size(model, pairs, PARTS[part][1])
-        exact[part] = anchors.normalize(values.reshape(model.cfg.n_layers, n_x, len(pairs)))
-        write_tensors(ctx.tensors / f"patch_{part}.safetensors", {"normalized": exact[part], "logit_diff": values.reshape(exact[part].shape)},
+        values = values.reshape(model.cfg.n_layers, n_x, len(pairs))
+        exact[part] = anchors.effect(values)
+        write_tensors(ctx.tensors / f"patch_{part}.safetensors",
+                      {"effect": exact[part], "normalized": anchors.normalize(values), "metric": values},
                       metadata={"axes": f"[layer, {PARTS[part][1]}, prompt]", "labels": "|".join(axis_labels(model, pairs, part)),
-                                "anchor_clean": str(anchors.clean), "anchor_corrupted": str(anchors.corrupted)})
+                                "metric": str(cfg.metric.name), "anchor_clean": str(anchors.clean),
+                                "anchor_corrupted": str(anchors.corrupted)})
         checkpoint.remove()
 
     approx = {}
@@ -143,9 +158,11 @@ def run(ctx) -> None:
         started = time.perf_counter()
         raw = attribution_patching.estimate(model, pairs_all, parts, bs, desc="attribution patching")
         log.info("attribution patching: %s on %d prompts in %.1f s", ", ".join(parts), len(pairs_all), time.perf_counter() - started)
-        approx = {p: all_anchors.normalize(v) for p, v in raw.items()}
+        approx = {p: all_anchors.effect(v) for p, v in raw.items()}
         write_tensors(ctx.tensors / "attrpatch.safetensors", {p: v for p, v in approx.items()},
-                      metadata={"axes": "[layer, role-or-head, prompt] over all prompts"})
+                      metadata={"axes": "[layer, role-or-head, prompt] over all prompts", "values": "estimated effect, metric units",
+                                "metric": str(cfg.metric.name), "anchor_clean": str(all_anchors.clean),
+                                "anchor_corrupted": str(all_anchors.corrupted)})
 
     agreement = []
     for sweep in sweeps:
@@ -153,17 +170,18 @@ def run(ctx) -> None:
         for part in SWEEPS[sweep]:
             labels, axis = axis_labels(model, pairs, part), PARTS[part][1]
             tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed,
-                                     n_perm, alpha, units_of(ctx.dataset, n_exact)))
+                                     n_perm, alpha, units_of(ctx.dataset, n_exact), anchors.gap))
             if approx:
                 ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed, n_perm, alpha,
-                                            units_of(ctx.dataset)))
-                # Agreement on the prompts both ran on, with the same anchors.
-                ap_sub = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
+                                            units_of(ctx.dataset), all_anchors.gap))
+                # Agreement on the prompts both ran on.
+                ap_sub = anchors.effect(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
                 ex = exact[part].nanmean(-1).flatten().numpy()
                 agreement.append({"sweep": sweep, "part": part, **agreement_scores(ex, ap_sub)})
         tables = split_fdr(tables, alpha)
         write_table(ctx.tables / f"patch_{sweep}.csv", pd.concat(tables, ignore_index=True))
-        write_sweep_figure(ctx, model, pairs, sweep, tables, f"patch_{sweep}", f"Activation patching: {sweep} ({n_exact} prompts, {cfg.direction.name})")
+        write_sweep_figure(ctx, model, pairs, sweep, tables, f"patch_{sweep}",
+                           f"Activation patching: {sweep} ({n_exact} prompts, {cfg.metric.name}, {cfg.direction.name})")
         if approx:
             ap_tables = split_fdr(ap_tables, alpha)
             write_table(ctx.tables / f"attrpatch_{sweep}.csv", pd.concat(ap_tables, ignore_index=True))
@@ -201,7 +219,8 @@ def write_sweep_figure(ctx, model, pairs, sweep, tables, name, title) -> None:
     zs, hovers, xs = grids(model, pairs, sweep, tables)
     x_title = "position (role)" if PARTS[SWEEPS[sweep][0]][1] == "role" else "head"
     fig = figures.faceted_heatmaps(zs, [PART_TITLES[p] for p in SWEEPS[sweep]], xs, [str(l) for l in range(model.cfg.n_layers)],
-                                   title + "<br><sup>normalized: 0 = corrupted, 1 = clean; hover: mean [95% interval]</sup>",
+                                   title + "<br><sup>effect in metric units: patched - corrupted (0 = no effect); hover: mean "
+                                           "[95% interval], the normalized value (1 = clean restored) and the smallest detectable effect</sup>",
                                    x_title, "layer", hovers)
     write_figure(ctx.figures / f"{name}.html", fig)
 
@@ -212,7 +231,7 @@ def write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, n_all) -> No
     x_title = "position (role)" if PARTS[SWEEPS[sweep][0]][1] == "role" else "head"
     fig = figures.heatmap_grid([ez, az], [f"exact, {len(pairs)} prompts", f"attribution patching, {n_all} prompts"],
                                [PART_TITLES[p] for p in SWEEPS[sweep]], xs, [str(l) for l in range(model.cfg.n_layers)],
-                               f"Exact vs attribution patching: {sweep} (normalized)", x_title, "layer", [eh, ah])
+                               f"Exact vs attribution patching: {sweep} (effect in metric units)", x_title, "layer", [eh, ah])
     write_figure(ctx.figures / f"attrpatch_{sweep}.html", fig)
 
 
@@ -221,7 +240,7 @@ def write_agreement_figure(ctx, exact, raw, anchors, n_exact, model, pairs) -> N
     for part, values in exact.items():
         labels = axis_labels(model, pairs, part)
         names = [f"{part} L{l} {labels[x]}" for l in range(values.shape[0]) for x in range(values.shape[1])]
-        approx = anchors.normalize(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
+        approx = anchors.effect(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
         points[PART_TITLES[part]] = (values.nanmean(-1).flatten().numpy(), approx, names)
     write_figure(ctx.figures / "attrpatch_vs_exact.html",
                  figures.scatter_agreement(points, f"Attribution patching against exact patching, per cell ({n_exact} prompts)"))

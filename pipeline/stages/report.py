@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import read_json, write_atomic
 from pipeline.figures import DIVERGING
+from pipeline.nulls import pairs_needed
 from pipeline.pages import render
 
 log = logging.getLogger(__name__)
@@ -47,33 +48,43 @@ CAPTIONS = {
                              "with 95% intervals: red bars are more likely after AAE, blue bars after SAE. Grey: "
                              "the 95% band of the same mean when the guises of random pairs are swapped (no dialect "
                              "effect); * marks attributes significant after Benjamini-Hochberg.",
-    "baseline_logit_diff": "One point per prompt: its logit difference (correct - incorrect answer) in the clean "
-                           "and the corrupted run, by dialect feature; the gap between the two is what patching "
-                           "restores.",
-    "logit_lens": "Logit difference read off the residual stream after each layer (through the final layer norm and "
-                  "unembedding): the depth at which the model comes to prefer the correct attribute.",
-    "layer_attribution": "Direct logit attribution per layer: how much each attention and MLP output writes the "
-                         "logit difference directly; positive pushes toward the correct answer.",
-    "head_attribution": "Direct logit attribution of each head (rows = layers, columns = heads): "
-                        f"{POSITIVE} heads push toward the correct answer, {NEGATIVE} heads against it. Circled "
-                        "heads differ from 0 after Benjamini-Hochberg over all heads (sign-flip permutation test "
-                        "over pairs); hover for the p and q of each head.",
-    "head_attribution_by_feature": "Head attribution split by dialect feature on one shared colour scale: a head "
-                                   "that matters for one feature only stands out in that panel.",
-    "attention_top_heads": "Attention patterns of the heads with the largest positive and negative attribution on "
-                           "the example prompt: each row is a query token, each column a token it reads from.",
+    "baseline_metric": "One point per prompt: the metric in the clean and the corrupted run, by dialect "
+                       "feature; the gap between the two is what the dialect changes, and what patching restores.",
+    "stereotype_agreement": "Left: how well the model's ranking of attributes by AAE association picks out the traits "
+                            "each study's participants ascribed to African Americans (average precision over the "
+                            "study's top 1-5 traits; the black mark is the chance level of a random ranking). Right: "
+                            "the mean favorability of each study's top 5 traits, with the model's own top 5 "
+                            "AAE- and SAE-associated attributes as dashed lines.",
+    "logit_lens": "The metric read off the residual stream after each layer (through the final layer norm and "
+                  "unembedding). Left: clean - corrupted, the depth at which the dialect's effect on the metric appears; "
+                  "right: each side.",
+    "layer_attribution": "Direct attribution per layer: how much each attention and MLP output writes the metric "
+                         "directly. Left: clean - corrupted (what the dialect changes in each layer's write); right: "
+                         "each side.",
+    "head_attribution": "Direct attribution of each head (rows = layers, columns = heads). First panel: clean - "
+                        "corrupted, what the dialect changes in each head's write; then the clean and corrupted "
+                        f"prompts. {POSITIVE.capitalize()} raises the metric, {NEGATIVE} lowers it. Circled heads "
+                        "differ from 0 after Benjamini-Hochberg over all heads (sign-flip permutation test over "
+                        "pairs); hover for the interval, p, q and the smallest detectable effect.",
+    "head_attribution_by_feature": "The clean - corrupted head attribution split by dialect feature on one shared colour "
+                                   "scale: a head that carries one feature's effect only stands out in that panel.",
+    "attention_top_heads": "Attention patterns of the heads with the largest positive and negative clean - corrupted "
+                           "attribution on the example prompt: each row is a query token, each column a token it reads from.",
     "attention_last_token": "Where the final token attends in the top heads, by role position: which part of the "
                             "prompt those heads read when the attribute is predicted.",
     "patch_resid_pre": "Clean residual stream patched into the corrupted run at each layer (rows) and role position "
-                       "(columns): 1 = the clean logit difference is restored, 0 = no effect.",
+                       "(columns): the effect on the metric in its own units (0 = no effect); hover for the normalized "
+                       "value (1 = the clean metric restored).",
     "patch_block": "Residual stream, attention output and MLP output of each layer patched at each role position: "
-                   "1 = restores the clean logit difference, 0 = no effect.",
-    "patch_head_out": "Each head's output patched at all positions: heads near 1 restore the clean behaviour on "
-                      "their own, negative heads work against it.",
+                   "the effect on the metric (0 = no effect; hover for the normalized value).",
+    "patch_head_out": "Each head's output patched at all positions: the effect on the metric; heads whose effect "
+                      "approaches the clean - corrupted gap restore the clean behaviour on their own (hover: normalized "
+                      "value), heads of the other sign work against it.",
     "patch_head_parts": "Each head's queries, keys, values and attention pattern patched separately: which part "
-                        "of a head carries its effect (1 = restores clean, 0 = no effect).",
+                        "of a head carries its effect (metric units, 0 = no effect).",
     "attrpatch_vs_exact": "Attribution patching (a gradient estimate) against exact activation patching, one point "
-                          "per component: points on the diagonal mean the cheap estimate can be trusted.",
+                          "per component, both in metric units: points on the diagonal mean the cheap estimate can be "
+                          "trusted.",
     "circuit_faithfulness": "Faithfulness of the circuit made of the top-|score| edges, by its size (share of all edges, "
                             "log scale): 1 = the circuit alone reproduces the full model's metric, 0 = no better than "
                             "corrupting every edge. The grey line is a random circuit of the same size; bands are 95% "
@@ -83,17 +94,17 @@ CAPTIONS = {
     "circuit_edge_agreement": "Each edge's score (EAP, EAP-IG) against the exact effect of corrupting that one edge: "
                               "points on the diagonal mean the cheap score can be trusted for that edge.",
     "path_patching": "Path patching: each head's clean output sent to the receivers with every other head frozen at its "
-                     "corrupted output (1 = restores clean behaviour through that path alone, 0 = no effect).",
+                     "corrupted output: the effect on the metric through that path alone (0 = no effect; hover for the "
+                     "normalized value).",
     # Prefixes, for figures added later under these names.
-    "attrpatch": "Attribution patching: a gradient estimate of the normalized patching metric for every component "
-                 "at once (1 = restores clean, 0 = no effect).",
-    "attribution": "Direct logit attribution: each component's direct contribution to the logit difference "
-                   "(correct - incorrect).",
-    "layer": "Per-layer contributions to the logit difference; positive pushes toward the correct answer.",
+    "attrpatch": "Attribution patching: a gradient estimate of every component's patching effect at once, in metric "
+                 "units (0 = no effect).",
+    "attribution": "Direct attribution: each component's direct contribution to the metric.",
+    "layer": "Per-layer contributions to the metric.",
     "head": "One value per head (rows = layers, columns = heads) on a diverging scale centred on 0.",
     "attention": "Attention patterns: each row is a query token, each column a token it attends to.",
-    "patch": "Activation patching, normalized metric: 1 = copying this activation from the clean run restores the "
-             "clean logit difference, 0 = no effect.",
+    "patch": "Activation patching: the effect on the metric of copying this activation from the clean run (0 = no "
+             "effect).",
 }
 
 # Figure groups in page order; a figure goes to the first group whose test its stem passes.
@@ -107,7 +118,7 @@ FIGURE_GROUPS = [
 PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution patching", "Other figures"]
 
 # Figures shown in the dataset and baseline sections rather than among the others.
-SHOWN_EARLIER = {"attribute_association", "baseline_logit_diff"}
+SHOWN_EARLIER = {"attribute_association", "baseline_metric", "stereotype_agreement"}
 # Figures shown in the circuit section.
 CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching")
 
@@ -134,12 +145,13 @@ class Section:
 # ---------------------------------------------------------------- figures
 
 def frame_size(path: Path) -> tuple[int, int]:
-    """Width and height of a plotly page, read from the sized div plotly writes at its top."""
-    with open(path, "rb") as f:
-        head = f.read(4000).decode("utf-8", errors="replace")
-    found = re.search(r"height:\s*(\d+)px;\s*width:\s*(\d+)px", head)
-    if found:
-        return int(found.group(2)), int(found.group(1))
+    """The width and height a figure was drawn for: from the plotly JSON beside its page
+    (pipeline/artifacts.py write_figure; the page itself fills its frame), else DEFAULT_FRAME."""
+    spec = path.with_suffix(".json")
+    if spec.exists():
+        layout = json.loads(spec.read_text()).get("layout", {})
+        if layout.get("width") and layout.get("height"):
+            return int(layout["width"]), int(layout["height"])
     return DEFAULT_FRAME
 
 
@@ -246,11 +258,14 @@ def dataset_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
             counts = df.pronoun.value_counts()
             facts.append(("pronouns", ", ".join(f"{p or '(none)'} {n}" for p, n in counts.items())))
         attributes = set(df.get("best_attr_aae", [])) | set(df.get("best_attr_sae", []))
-        facts.append(("answer attributes", str(len(attributes))))
+        metric = OmegaConf.select(cfg, "metric.name") if cfg is not None else None
+        if metric not in ("favorability", "prestige"):  # a rated metric reads no answers
+            facts.append(("answer attributes", str(len(attributes))))
         task = OmegaConf.select(cfg, "dataset.task") if cfg is not None and not OmegaConf.select(cfg, "dataset.path") else None
         if task:
             facts.append(("task", str(task)))
-        if len(attributes) == 2 and "best_attr_aae" in df and df.best_attr_aae.nunique() == 1:
+        if metric not in ("favorability", "prestige") and len(attributes) == 2 and "best_attr_aae" in df \
+                and df.best_attr_aae.nunique() == 1:
             facts.append(("answers", f"{df.best_attr_aae.iloc[0]} (AAE side) / {df.best_attr_sae.iloc[0]} (SAE side), every prompt"))
         data["facts"] = facts
         if "template" in df:
@@ -285,8 +300,9 @@ def feature_rows(df: pd.DataFrame) -> list[list]:
 def association_tables(table: pd.DataFrame) -> dict:
     """The 10 most AAE-associated and the 10 most SAE-associated attributes, and the attributes
     that are scored but cannot be answers (more than one token for the model)."""
-    columns = [c for c in ("attribute", "n_tokens", "association", "ci_low", "ci_high", "null_low", "null_high", "p_perm",
-                           "n_prompts") if c in table]
+    columns = [c for c in ("attribute", "n_tokens", "rating", "weight", "association", "ci_low", "ci_high", "null_low",
+                           "null_high", "p_perm", "n_prompts") if c in table]
+    table = table.assign(rating=table.rating.round(2)) if "rating" in table else table
     multi = table[table.n_tokens > 1] if "n_tokens" in table else None
     left_out = [] if multi is None else [f"{a} ({int(n)} tokens)" for a, n in zip(multi.attribute, multi.n_tokens)]
     table = table.sort_values("association", ascending=False)
@@ -300,12 +316,73 @@ def association_tables(table: pd.DataFrame) -> dict:
             "csv": "tables/attribute_association.csv"}
 
 
+METRIC_TEXT = {
+    "favorability": "The favorability metric is the weighted mean logit of the unfavorable trait adjectives minus that of "
+                    "the favorable ones at each prompt's last token (weights from human favorability ratings, "
+                    "Bergsieker et al. 2012): higher means the model's next word leans toward unfavorable traits. The "
+                    "score is its mean after the AAE guise minus after the SAE guise of the same utterance; positive "
+                    "means the model leans more unfavorable when the speaker uses AAE.",
+    "prestige": "The prestige metric is the weighted mean logit of the low-prestige occupations minus that of the "
+                "high-prestige ones at each prompt's last token (GSS 2012 prestige ratings): higher means the model's "
+                "next word leans toward low-prestige jobs. The score is its mean after the AAE guise minus after the "
+                "SAE guise of the same utterance; positive means lower-prestige jobs for AAE speakers.",
+    "logit_diff": "The logit difference logit(AAE-side answer) - logit(SAE-side answer) at each prompt's last token, its mean "
+                  "after the AAE guise minus after the SAE guise; the answers come from the dataset's answer rule (see "
+                  "Is the effect real?).",
+}
+
+
+def headline_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """The AAE - SAE gap of the run's metric (the covert prejudice score under a rated metric) with
+    its interval, null band, p and power, first on the page."""
+    tables = run_dir / "tables"
+    if not (tables / "baseline_null.csv").exists():
+        return []
+    null = pd.read_csv(tables / "baseline_null.csv", keep_default_na=False)
+    row = null.iloc[0].to_dict()
+    base = read_json(tables / "baseline.json") if (tables / "baseline.json").exists() else {}
+    metric = str(base.get("metric", "logit_diff"))
+    name = str(base.get("headline") or "gap (clean - corrupted)")
+    needed = "-"
+    if is_number(row.get("detectable")) and np.isfinite(row["detectable"]) and row["gap"]:
+        n = pairs_needed(int(row["n_pairs"]), float(row["detectable"]), float(row["gap"]))
+        needed = (f"about {n:,.0f} pairs (this run has {int(row['n_pairs'])}) to detect a gap of {abs(row['gap']):.3f} "
+                  f"with 80% power")
+    versions, agreement = [], None
+    path = tables / "prejudice_score.csv"
+    if path.exists():
+        scores = pd.read_csv(path)
+        labels = {"one_token": "one-token attributes (the mechanistic stages' metric)",
+                  "chain_rule": "every rated attribute (chain rule)"}
+        versions = [[labels.get(r.score, r.score), int(r.n_attributes), float(r.score_value), f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
+                     f"[{r.null_low:+.3f}, {r.null_high:+.3f}]", float(r.p_perm), float(r.sd_per_pair)] for r in scores.itertuples()]
+        if "pair_pearson_r" in scores:
+            agreement = {"r": float(scores.pair_pearson_r.iloc[0]), "sign": float(scores.pair_sign_agreement.iloc[0])}
+    data = {"name": name, "metric": metric, "metric_text": METRIC_TEXT.get(metric, ""), "row": row, "pairs_needed": needed,
+            "versions": versions, "agreement": agreement, "rated": metric in ("favorability", "prestige")}
+    return [Section("headline", "Headline: " + name, "report/headline.html.j2", data, nav="Headline")]
+
+
+def stereotypes_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """Hofmann et al.'s comparisons with the stereotypes of five studies, 1933-2012."""
+    path = run_dir / "tables" / "stereotype_agreement.json"
+    if not path.exists():
+        return []
+    agreement = read_json(path)
+    rows = [[r["name"], int(r["year"]), r["top_traits"] or "-", r["agreement"], r["chance"], r["p_perm"], r["favorability_top5"]]
+            for r in agreement["studies"]]
+    fig = run_dir / "figures" / "stereotype_agreement.html"
+    data = {"rows": rows, "model": agreement["model"], "figure": figure(fig) if fig.exists() else None}
+    return [Section("stereotypes", "Agreement with human stereotypes, 1933-2012", "report/stereotypes.html.j2", data,
+                    nav="Stereotypes")]
+
+
 def baseline_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     data = {"means": None, "by_feature": [], "by_feature_header": [], "test_prompt": "", "figure": None}
     path = run_dir / "tables" / "baseline.json"
     if path.exists():
         base = read_json(path)
-        clean, corrupted = base.get("clean_mean_logit_diff"), base.get("corrupted_mean_logit_diff")
+        clean, corrupted = base.get("clean_mean"), base.get("corrupted_mean")
         data["means"] = {"n_prompts": base.get("n_prompts", "-"), "clean": clean, "corrupted": corrupted,
                          "gap": clean - corrupted if is_number(clean) and is_number(corrupted) else None, "null": None}
         # The gap against its guise permutation null (cache stage; details in the nulls section).
@@ -315,14 +392,14 @@ def baseline_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]
             data["means"]["null"] = {"interval": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
                                      "band": f"[{r['null_low']:.3f}, {r['null_high']:.3f}]", "p": r["p_perm"]}
         for feature, v in sorted((base.get("by_feature") or {}).items()):
-            c, k = v.get("clean_logit_diff"), v.get("corrupted_logit_diff")
+            c, k = v.get("clean_metric"), v.get("corrupted_metric")
             data["by_feature"].append([feature, c, k, c - k if is_number(c) and is_number(k) else "-"]
                                       + ([null.get(feature, {}).get("p_perm", "-")] if null else []))
         data["by_feature_header"] = ["feature", "clean", "corrupted", "gap"] + (["p (null)"] if null else [])
     text = run_dir / "tables" / "test_prompt.txt"
     if text.exists():
         data["test_prompt"] = text.read_text()
-    path = run_dir / "figures" / "baseline_logit_diff.html"
+    path = run_dir / "figures" / "baseline_metric.html"
     if path.exists():
         data["figure"] = figure(path)
     if not (data["means"] or text.exists() or data["figure"]):
@@ -381,6 +458,9 @@ def files_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
 
 
 RULE_TEXT = {
+    "none (rated metric)": "None are chosen: the metric weighs every rated attribute by its human rating, the same for "
+                           "every prompt, so nothing is selected on the data it is measured on. Swapping a pair's guises "
+                           "negates its gap.",
     "per_prompt": "per_prompt: each prompt's answers are the most and least AAE-associated attributes of its own "
                   "probing (the notebook's rule). Its gap is then max - min of the prompt's own associations: positive "
                   "by construction, and unchanged when the prompt's guises are swapped, so the null below equals the "
@@ -411,7 +491,7 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
              f"[{r.null_low:.3f}, {r.null_high:.3f}]", float(r.p_perm)] for r in null.itertuples()]
     n_perm = int(null.null_draws[0]) if "null_draws" in null else None
     data = {"rule": rule, "rule_text": RULE_TEXT.get(rule, rule), "rows": rows, "n_perm": n_perm, "association": None,
-            "katz_braly": None, "ranked": []}
+            "ranked": []}
     path = tables / "attribute_association.csv"
     if path.exists():
         assoc = pd.read_csv(path)
@@ -419,9 +499,6 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
             sig = assoc[assoc.significant_bh.astype(bool)]
             data["association"] = {"n": len(assoc), "aae": list(sig[sig.association > 0].attribute),
                                    "sae": list(sig[sig.association < 0].attribute)}
-    path = tables / "katz_braly_agreement.json"
-    if path.exists():
-        data["katz_braly"] = read_json(path)
     for name, side, what in (("head_attribution.csv", None, "heads (direct logit attribution, clean prompts)"),
                              ("head_attribution_both_sides.csv", "difference",
                               "heads (attribution clean - corrupted: what the dialect changes)"),
@@ -436,13 +513,17 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
                 t = t[t.side == side] if "side" in t else t.iloc[:0]
             if "significant_bh" in t and len(t):
                 n_prompts = int(t.n_prompts.max()) if len(t) else 0
+                # Over components that vary at all (a shared-prefix cell is exactly 0 on every prompt).
+                varying = t.detectable[t.detectable > 0] if "detectable" in t else t.iloc[:0]
+                detectable = float(varying.median()) if len(varying) else "-"
                 data["ranked"].append([name + (f" (side {side})" if side else ""), what, int(t.significant_bh.astype(bool).sum()), len(t), n_prompts,
-                                       float(t.p_signflip.min()) if len(t) else "-"])
+                                       float(t.p_signflip.min()) if len(t) else "-", detectable])
     return [Section("nulls", "Is the effect real?", "report/nulls.html.j2", data, nav="Nulls")]
 
 
 # The page's sections in order; each returns [] when the run holds nothing for it.
-SECTIONS = [run_section, dataset_section, baseline_section, nulls_section, figure_sections, circuit_section, files_section]
+SECTIONS = [headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
+            figure_sections, circuit_section, files_section]
 
 
 # ---------------------------------------------------------------- the page
