@@ -131,14 +131,14 @@ def test_a_failed_write_marks_the_stage_failed_when_the_manifest_can_be_written(
     real = Path.write_bytes
 
     def failing(self, data):
-        if self.name.startswith(".logit_diff.csv.tmp"):
+        if self.name.startswith(".metric.csv.tmp"):
             raise OSError(errno.EIO, "Input/output error")
         return real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", failing)
     with pytest.raises(PipelineError) as caught:
         run(make_cfg(TINY), tmp_path / "run")
-    assert str(caught.value) == (f"stage cache: cannot write {tmp_path}/run/tables/logit_diff.csv: Input/output error "
+    assert str(caught.value) == (f"stage cache: cannot write {tmp_path}/run/tables/metric.csv: Input/output error "
                                  f"(EIO); manifest.json marks the cache stage failed; fix that, then resume with the "
                                  f"same command and hydra.run.dir={tmp_path}/run")
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -268,14 +268,14 @@ def test_a_damaged_saved_config_or_table_is_one_line(copy, capsys, tmp_path, mon
 
     # A table cut short still parses: the manifest's record tells.
     damaged = copy("table")
-    table = damaged / "tables" / "logit_diff.csv"
+    table = damaged / "tables" / "metric.csv"
     size = table.stat().st_size
     table.write_text(table.read_text()[:-40])
     assert tools.main(["compare", str(damaged), str(other)]) == 2
     line = one_error_line(capsys)
     assert line.startswith(f"{table} has {size - 40} bytes, {size} recorded: that run is damaged"), line
     with pytest.raises(PipelineError, match=f"has {size - 40} bytes, {size} recorded: the run is damaged"):
-        api.load_run(damaged).tables["logit_diff"]
+        api.load_run(damaged).tables["metric"]
     table.write_text("a,b\n1,2\n3,4,5,6\n")  # what a table without a record meets: its reader names it
     with pytest.raises(PipelineError, match=re.escape(f"{table} is damaged: not a readable CSV table (")):
         read_table(table)
@@ -287,15 +287,15 @@ def test_verify_names_each_problem(copy, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"{whole}: whole: the run is complete and its ")
 
-    size = (whole / "tables" / "logit_diff.csv").stat().st_size
+    size = (whole / "tables" / "metric.csv").stat().st_size
     (whole / "tensors" / "baseline.safetensors").unlink()
-    (whole / "tables" / "logit_diff.csv").write_text("changed\n")
+    (whole / "tables" / "metric.csv").write_text("changed\n")
     report = whole / "report.html"
     report.write_bytes(report.read_bytes()[::-1])  # same size, other bytes
     assert tools.main(["verify", str(whole)]) == 1
     assert sorted(capsys.readouterr().err.strip().splitlines()) == [
         f"{whole}: report.html has changed (same size, another SHA-256)",
-        f"{whole}: tables/logit_diff.csv has 8 bytes, {size} recorded",
+        f"{whole}: tables/metric.csv has 8 bytes, {size} recorded",
         f"{whole}: tensors/baseline.safetensors is missing"]
 
     legacy = copy("legacy")  # a run from before outputs were recorded, and one that failed
