@@ -5,11 +5,13 @@
     dialect-circuits -m direction=aae_clean,sae_clean
     dialect-circuits rerun outputs/2026-11-27/10-00-00
     dialect-circuits compare multirun/2026-11-27/10-00-00
+    dialect-circuits verify outputs/2026-11-27/10-00-00
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -58,11 +60,28 @@ def check_group_choices(argv: list[str]) -> None:
                 raise PipelineError(f"unknown {group} {choice!r}: choose from {', '.join(known)}{hint}")
 
 
+def check_run_dir_writable(argv: list[str]) -> None:
+    """A run directory on a read-only disk, or without write permission, stops here with one line:
+    Hydra's own first write (run.log) would fail with a traceback."""
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return
+    given = [arg.split("=", 1)[1].strip("'\"") for arg in argv if arg.startswith("hydra.run.dir=")]
+    folder = Path(given[-1]) if given else Path("outputs")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise PipelineError(f"cannot write into {folder.resolve()}: a read-only disk, or no permission (run in "
+                            "another directory, or give hydra.run.dir=<a writable directory>)")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg) -> None:
     from pipeline.runner import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # A log line that cannot be written (run.log on a full disk) is dropped, not reported with a
+    # traceback over the one line the run ends in.
+    logging.raiseExceptions = False
     interrupted = None
     try:
         run(cfg, run_dir)
@@ -80,7 +99,7 @@ def hydra_main(cfg) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    if argv and argv[0] in ("rerun", "compare"):
+    if argv and argv[0] in ("rerun", "compare", "verify"):
         from pipeline import tools
 
         sys.exit(tools.main(argv))
@@ -89,6 +108,7 @@ def main() -> None:
     try:
         check_group_choices(argv)
         validation.check_overrides(argv, user_config_dirs(argv))
+        check_run_dir_writable(argv)
     except PipelineError as err:
         fail(str(err))
     hydra_main()

@@ -27,8 +27,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import read_figure, read_json
+from pipeline.artifacts import file_problem, read_figure, read_json, read_table, read_yaml, tensors_error
 from pipeline.errors import PipelineError
+from pipeline.runner import read_manifest
 
 log = logging.getLogger("pipeline")
 
@@ -190,7 +191,7 @@ class Tensors(Mapping):
         from safetensors import safe_open
 
         self.path = path
-        with safe_open(str(path), framework="pt") as f:
+        with tensors_error(path), safe_open(str(path), framework="pt") as f:
             self._keys = list(f.keys())
             self.metadata = f.metadata() or {}
 
@@ -199,7 +200,7 @@ class Tensors(Mapping):
 
         if key not in self._keys:
             raise KeyError(f"{key!r} is not in {self.path.name}; it holds {', '.join(self._keys)}")
-        with safe_open(str(self.path), framework="pt") as f:
+        with tensors_error(self.path), safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(key)
 
     def __iter__(self):
@@ -219,7 +220,7 @@ class Tables(Mapping):
         self.run = run
 
     def __getitem__(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.run.path_of("tables", name, ".csv"))
+        return read_table(self.run.path_of("tables", name, ".csv"))
 
     def __iter__(self):
         return iter(sorted(p.stem for p in (self.run.dir / "tables").glob("*.csv") if not p.name.startswith(".")))
@@ -238,9 +239,9 @@ class Run:
         self.dir = Path(path).resolve()
         if not (self.dir / "manifest.json").is_file():
             raise PipelineError(f"{path} is not a run directory (no manifest.json)")
-        self.manifest = read_json(self.dir / "manifest.json")
+        self.manifest = read_manifest(self.dir)
         saved = self.dir / ".hydra" / "config.yaml"
-        self.config = OmegaConf.load(saved) if saved.is_file() else None
+        self.config = read_yaml(saved) if saved.is_file() else None
         self.tables = Tables(self)
 
     @property
@@ -252,7 +253,7 @@ class Run:
     def overrides(self) -> list[str]:
         """The overrides the run was composed with (.hydra/overrides.yaml), what `rerun` repeats."""
         saved = self.dir / ".hydra" / "overrides.yaml"
-        return [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+        return [str(o) for o in read_yaml(saved)] if saved.is_file() else []
 
     @property
     def stages(self) -> dict[str, str]:
@@ -266,7 +267,7 @@ class Run:
     @property
     def dataset(self) -> pd.DataFrame:
         """dataset.csv: the run's prompts in the notebook's format."""
-        return pd.read_csv(self.path_of("", "dataset", ".csv"), dtype=str, keep_default_na=False)
+        return read_table(self.path_of("", "dataset", ".csv"), dtype=str, keep_default_na=False)
 
     def json(self, name: str):
         """tables/<name>.json (baseline, test_prompt) as Python objects."""
@@ -290,11 +291,17 @@ class Run:
         return sorted(p.stem for p in (self.dir / "figures").glob("*.json") if not p.name.startswith("."))
 
     def path_of(self, folder: str, name: str, suffix: str) -> Path:
-        """The artifact's path, or a PipelineError that names what is missing and what makes it."""
+        """The artifact's path, or a PipelineError that names what is missing and what makes it,
+        or what differs from the manifest's record of it."""
         path = self.dir / folder / f"{name}{suffix}"
+        shown = f"{folder}/{name}{suffix}" if folder else f"{name}{suffix}"
+        record = next((info["outputs"][shown] for info in self.manifest.get("stages", {}).values()
+                       if info.get("status") == "done" and shown in (info.get("outputs") or {})), None)
+        if record is not None and (problem := file_problem(path, record)):
+            raise PipelineError(f"{path} {problem}: the run is damaged (dialect-circuits verify {self.dir} lists "
+                                "what is wrong; resuming the run writes it again)")
         if path.is_file():
             return path
-        shown = f"{folder}/{name}{suffix}" if folder else f"{name}{suffix}"
         stage = made_by(name)
         status = self.stages.get(stage) if stage else None
         if stage is None:

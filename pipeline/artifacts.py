@@ -1,14 +1,24 @@
 """Writing into a run directory: every file is written to a temporary name and renamed, so a
 reader never sees half a file. Tensors go to safetensors, tables to CSV, figures to plotly HTML
-that loads plotly.js from a copy inside the run (no CDN), each with its plotly JSON beside it."""
+that loads plotly.js from a copy inside the run (no CDN), each with its plotly JSON beside it.
+
+A write that fails (no space, an I/O error, a read-only disk, no permission) removes its temporary
+file and raises WriteError naming the file. The writers here are the only way a run writes its
+files, so `recording()` collects what a stage wrote, and `file_record` / `file_problem` say what a
+file was and whether it still is (the manifest's record of each stage's outputs). Readers of a
+run's JSON, YAML and CSV files raise a PipelineError naming a damaged file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipeline.errors import PipelineError, WriteError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,12 +30,40 @@ if TYPE_CHECKING:
 PLOTLY_JS = "plotly.min.js"
 
 
+# The sets of paths that `recording()` blocks are collecting (the runner opens one per stage).
+_recording: list[set[Path]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the path of every file written (or, for plotly.js, relied on) inside the block."""
+    written: set[Path] = set()
+    _recording.append(written)
+    try:
+        yield written
+    finally:
+        _recording.remove(written)
+
+
+def _record(path: Path) -> None:
+    for written in _recording:
+        written.add(Path(path))
+
+
 def write_atomic(path: Path, data: bytes | str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as err:  # a signal too: no temporary file is left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from err
+        raise
+    _record(path)
     return path
 
 
@@ -33,8 +71,63 @@ def write_json(path: Path, obj) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_text(path: Path, what: str) -> str:
+    """The file's text, or a PipelineError saying it is missing, unreadable or empty."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing") from None
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path} is damaged: not {what} (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise PipelineError(f"cannot read {path}: {err.strerror or err}") from None
+    if not text.strip():
+        raise PipelineError(f"{path} is damaged: the file is empty")
+    return text
+
+
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    text = read_text(path, "JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path} is damaged: not valid JSON ({err})") from None
+
+
+def read_yaml(path: Path):
+    """A YAML file of the run (.hydra/) as an OmegaConf node."""
+    import io
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    text = read_text(path, "YAML")
+    try:
+        return OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PipelineError(f"{path} is damaged: not valid YAML ({problem}{where})") from None
+    except OSError as err:  # OmegaConf's "Invalid loaded object type": a bare number or string
+        raise PipelineError(f"{path} is damaged: not a YAML mapping or list ({err})") from None
+
+
+def read_table(path: Path, **read_csv_args) -> pd.DataFrame:
+    """A CSV table of the run, or a PipelineError naming the file and what is wrong with it."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **read_csv_args)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing") from None
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path} is damaged: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path} is damaged: not a readable CSV table ({str(err).strip().splitlines()[0]})") from None
+    except OSError as err:
+        raise PipelineError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def write_table(path: Path, df: pd.DataFrame) -> Path:
@@ -42,28 +135,39 @@ def write_table(path: Path, df: pd.DataFrame) -> Path:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    # Serialized in memory, then written like any file: a failed write is an OSError (save_file
+    # would raise safetensors' own error) and leaves no temporary file.
+    return write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    with tensors_error(path):
+        return load_file(str(path))
 
 
 def safe_open_metadata(path: Path) -> dict[str, str]:
     """The string metadata stored in a safetensors file's header."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with tensors_error(path), safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+@contextlib.contextmanager
+def tensors_error(path: Path):
+    """Reading a safetensors file: a missing or damaged one is a PipelineError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing") from None
+    except SafetensorError as err:
+        raise PipelineError(f"{path} is damaged: not a readable safetensors file ({err})") from None
 
 
 def ensure_plotly_js(figures_dir: Path) -> None:
@@ -73,6 +177,7 @@ def ensure_plotly_js(figures_dir: Path) -> None:
         from plotly.offline import get_plotlyjs
 
         write_atomic(target, get_plotlyjs())
+    _record(target)  # every figure page needs it: an output of each stage that writes figures
 
 
 # The page of a figure fills whatever frame it is shown in: plotly's responsive mode redraws the
@@ -104,7 +209,27 @@ def read_figure(path: Path):
 
 
 def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """What the manifest records of an output file."""
+    return {"size": Path(path).stat().st_size, "sha256": file_hash(path)}
+
+
+def file_problem(path: Path, record: dict, check_hash: bool = True) -> str | None:
+    """What differs between the file and its record (`file_record`), None when nothing: the size
+    first (cheap), then the SHA-256."""
+    try:
+        size = Path(path).stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if size != record.get("size"):
+        return f"has {size} bytes, {record.get('size')} recorded"
+    if check_hash and file_hash(path) != record.get("sha256"):
+        return "has changed (same size, another SHA-256)"
+    return None
 
 
 def text_hash(text: str) -> str:

@@ -27,9 +27,11 @@ import plotly.graph_objects as go
 from markupsafe import Markup
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import PLOTLY_JS, ensure_plotly_js, read_json, write_atomic, write_table
+from pipeline.artifacts import PLOTLY_JS, ensure_plotly_js, read_yaml, write_atomic, write_table
+from pipeline.artifacts import read_table as read_csv
 from pipeline.errors import PipelineError
 from pipeline.pages import render
+from pipeline.runner import MACHINE_LOCAL, read_manifest, run_output_problems
 
 # Columns that hold a statistic of a component; every other column names the component, except
 # one named <statistic>_<group> (mean_finna: the mean over one feature's prompts) and one of
@@ -46,9 +48,15 @@ class Run:
 
     def __init__(self, path: Path):
         self.path = path
-        self.manifest = read_json(path / "manifest.json")
+        self.manifest = read_manifest(path)
         self.config = flat_config(path, self.manifest)
         self.label = path.name
+        # What compare reads must be as the run wrote it (a truncated table still parses).
+        damaged = run_output_problems(path, self.manifest, under=("tables/", "tensors/"))
+        if damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise PipelineError(f"{path}/{damaged[0]}{more}: that run is damaged (dialect-circuits verify {path} lists "
+                                "what is wrong; resuming the run writes it again)")
 
     def table_names(self) -> set[str]:
         return {p.stem for p in (self.path / "tables").glob("*.csv")}
@@ -59,7 +67,7 @@ def flat_config(run_dir: Path, manifest: dict) -> dict[str, str]:
     left as written) or, where that is missing, the little the manifest says."""
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
-        return flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+        return flatten(OmegaConf.to_container(read_yaml(saved), resolve=False))
     return {"model.name": str(manifest.get("model", {}).get("name")), "direction.name": str(manifest.get("direction"))}
 
 
@@ -109,8 +117,10 @@ def check_same_dataset(runs: list[Run]) -> None:
 def label_runs(runs: list[Run]) -> None:
     """Name each run by what differs in its config: direction and model names, else key=value."""
     keys = list(dict.fromkeys(k for run in runs for k in run.config))
-    # `stage` chooses which stages run, not what they compute (runner.NOT_HASHED): never a label.
-    differing = [k for k in keys if len({run.config.get(k) for run in runs}) > 1 and k.split(".")[0] != "stage"]
+    # `stage` chooses which stages run, not what they compute (runner.NOT_HASHED), and a cache
+    # folder is where a machine keeps its files (runner.MACHINE_LOCAL): never a label.
+    differing = [k for k in keys if len({run.config.get(k) for run in runs}) > 1 and k.split(".")[0] != "stage"
+                 and k not in MACHINE_LOCAL]
 
     def implied(key: str) -> bool:
         # The rest of a model or direction config follows from its name.
@@ -135,10 +145,10 @@ def read_table(run: Run, name: str) -> pd.DataFrame | None:
     """The table as components x statistics, or None when it is not a per-component table."""
     path = run.path / "tables" / f"{name}.csv"
     if name == "metric":
-        per_prompt = pd.read_csv(path, keep_default_na=False)
+        per_prompt = read_csv(path, keep_default_na=False)
         needed = {"clean_metric", "corrupted_metric"}
         return metric_means(per_prompt) if needed <= set(per_prompt.columns) else None
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = read_csv(path, dtype=str, keep_default_na=False)
     if "mean" not in df.columns:
         return None
     for column in df.columns:

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from markupsafe import Markup
 from plotly.subplots import make_subplots
 
-from pipeline.artifacts import read_json
+from pipeline.artifacts import read_json, read_table
 
 
 def score_rows(runs) -> pd.DataFrame:
@@ -26,14 +26,14 @@ def score_rows(runs) -> pd.DataFrame:
         tables = run.path / "tables"
         if not (tables / "baseline_null.csv").exists():
             continue
-        top = pd.read_csv(tables / "baseline_null.csv", keep_default_na=False).iloc[0]
+        top = read_table(tables / "baseline_null.csv", keep_default_na=False).iloc[0]
         base = read_json(tables / "baseline.json") if (tables / "baseline.json").exists() else {}
         row = {"run": run.label, "metric": base.get("metric", ""), "headline": base.get("headline", "gap"),
                "score": float(top.gap), "ci_low": float(top.ci_low), "ci_high": float(top.ci_high),
                "null_low": float(top.null_low), "null_high": float(top.null_high), "p_perm": float(top.p_perm),
                "n_pairs": int(top.n_pairs)}
         if (tables / "prejudice_score.csv").exists():
-            for r in pd.read_csv(tables / "prejudice_score.csv").itertuples():
+            for r in read_table(tables / "prejudice_score.csv").itertuples():
                 row[f"{r.score}_score"] = float(r.score_value)
         if (tables / "stereotype_agreement.json").exists():
             model = read_json(tables / "stereotype_agreement.json")["model"]

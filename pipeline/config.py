@@ -1,4 +1,5 @@
-"""Where the Hydra configuration lives, and composing it outside the command line.
+"""Where the Hydra configuration lives, composing it outside the command line, and the resolver
+that gives each run a directory of its own.
 
 The configs are the top-level `conf/` folder of the source tree. A wheel ships the same folder
 as the package data `pipeline/conf` (pyproject.toml maps it there), so the command finds them
@@ -9,7 +10,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 _HERE = Path(__file__).resolve().parent
+
+
+def new_dir(path: str) -> str:
+    """`path`, else `path-1`, `path-2`, ...: the first that does not exist yet, created here so
+    that no other process can take it. conf/config.yaml's default run directory is
+    `${new_dir:outputs/<date>/<time to the second>}`: two runs started in the same second get two
+    directories. (Hydra resolves it once per run; a run resumed with hydra.run.dir=<run> never
+    calls it.)"""
+    candidate, n = Path(path), 0
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = Path(f"{path}-{n}")
+
+
+OmegaConf.register_new_resolver("new_dir", new_dir, use_cache=True, replace=True)
 
 
 def conf_dir() -> Path:

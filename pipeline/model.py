@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import weights_cache
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ def load_tokenizer_and_hf_model(model_cfg, dtype: torch.dtype):
         if not cache_root:  # no cache configured: convert the GGUF file every time
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
             return tokenizer, AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=dtype)
-        converted = dequantized_copy(gguf, Path(cache_root))
-        tokenizer = AutoTokenizer.from_pretrained(converted)
-        return tokenizer, AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+        # A damaged copy (a disk that filled up, a copy cut short) is dequantized again.
+        return weights_cache.load(dequantized_folder(gguf, Path(cache_root)), lambda tmp: dequantize(gguf, tmp),
+                                  lambda folder: (AutoTokenizer.from_pretrained(folder),
+                                                  AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)))
     raise ValueError(model_cfg.source)
 
 
@@ -84,35 +86,35 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def dequantized_folder(gguf: Path, cache_root: Path) -> Path:
+    """Where the GGUF file's dequantized copy lives: under `cache_root`, keyed by its SHA-256."""
+    return cache_root / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+
+
 def dequantized_copy(gguf: Path, cache_root: Path) -> Path:
     """A Hugging Face folder (config, tokenizer, float32 safetensors) with the GGUF file's weights
-    dequantized, under `cache_root`, keyed by the file's SHA-256: converting the GGUF file takes
-    20-30 s on a CPU, loading the copy a second or two. Written once, atomically (temp folder,
-    then rename), so parallel runs never read half a copy."""
+    dequantized: converting the GGUF file takes 20-30 s on a CPU, loading the copy a second or
+    two. Written once, atomically, with each file's size and SHA-256 (pipeline/weights_cache.py),
+    so parallel runs never read half a copy and a damaged one is written again."""
+    return weights_cache.whole(dequantized_folder(gguf, cache_root), lambda tmp: dequantize(gguf, tmp))
+
+
+def dequantize(gguf: Path, folder: Path) -> None:
+    """Write the GGUF file's config, tokenizer and weights (float32 safetensors) into `folder`."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_root / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
-    if (target / "config.json").exists():
-        return target
-    log.info("dequantizing %s once into %s", gguf.name, target)
+    log.info("dequantizing %s once into the weights cache %s", gguf.name, folder.parent)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True)
     # save_pretrained refuses a model loaded from GGUF ("quantized, not serializable"), though its
     # weights are plain float32 now: write the config and the weights (tied ones once) directly.
     config = hf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.save_pretrained(tmp)
-    save_model(hf_model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first; its copy is the same
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    config.save_pretrained(folder)
+    save_model(hf_model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
 
 
 def build_tiny_model(model_cfg) -> Path:

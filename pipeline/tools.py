@@ -1,7 +1,8 @@
-"""The subcommands beside a Hydra run: `dialect-circuits rerun ...` and `dialect-circuits compare ...`.
+"""The subcommands beside a Hydra run: `dialect-circuits rerun ...`, `dialect-circuits compare ...`
+and `dialect-circuits verify ...`.
 
 pipeline/__main__.py hands them here before Hydra sees the command line; each lives in its own
-file (pipeline/rerun.py, pipeline/compare.py) and returns an exit status.
+file (pipeline/rerun.py, pipeline/compare.py, pipeline/verify.py) and returns an exit status.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pipeline.errors import PipelineError
 COMMANDS = {
     "rerun": "run a past run's saved config again into a new directory and check its tensors are the same",
     "compare": "put two or more runs (or a multirun) side by side: comparison.html and CSV tables",
+    "verify": "check a run directory against its manifest: every recorded output there and unchanged",
 }
 
 
@@ -35,6 +37,10 @@ def main(argv: list[str]) -> int:
             from pipeline import rerun
 
             return rerun.main(rest, parser)
+        if command == "verify":
+            from pipeline import verify
+
+            return verify.main(rest, parser)
         from pipeline import compare
 
         return compare.main(rest, parser)
