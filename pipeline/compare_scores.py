@@ -57,7 +57,7 @@ def stereotype_rows(runs) -> pd.DataFrame:
 
 def intervention_rows(runs) -> pd.DataFrame:
     """Every run's intervention curve (tables/intervention_curve.csv), with the run's label."""
-    parts = [pd.read_csv(run.path / "tables" / "intervention_curve.csv").assign(run=run.label) for run in runs
+    parts = [read_table(run.path / "tables" / "intervention_curve.csv").assign(run=run.label) for run in runs
              if (run.path / "tables" / "intervention_curve.csv").exists()]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 

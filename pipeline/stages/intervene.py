@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 
 from pipeline import figures
-from pipeline.artifacts import read_json, read_tensors, safe_open_metadata, write_figure, write_json, write_table, write_tensors
+from pipeline.artifacts import (read_json, read_table, read_tensors, safe_open_metadata, write_figure, write_json,
+                                write_table, write_tensors)
 from pipeline.data.builder import build_rows
 from pipeline.data.dataset import pair_prompts
 from pipeline.data.ratings import packaged_ratings
@@ -66,14 +67,14 @@ def head_ranking(ctx) -> tuple[list[tuple[int, int]], str]:
     for name, what in (("attrpatch_head_out.csv", "attribution patching of head outputs (discovery prompts)"),
                        ("patch_head_out.csv", "exact patching of head outputs (discovery prompts)")):
         if (tables / name).exists():
-            t = pd.read_csv(tables / name)
+            t = read_table(tables / name)
             t = t[t.part == "output"]  # normalized_mean > 0: the clean head moves the metric toward the clean run
             key = np.where(np.isfinite(t.normalized_mean), t.normalized_mean, -np.inf)
             order = np.argsort(-key, kind="stable")
             return [(int(t.layer.iloc[i]), int(float(t["head"].iloc[i]))) for i in order], what
     path = tables / "head_attribution_both_sides.csv"
     if path.exists():
-        t = pd.read_csv(path)
+        t = read_table(path)
         t = t[t.side == "difference"]
         gap = read_json(tables / "baseline.json")
         sign = np.sign(gap["clean_mean"] - gap["corrupted_mean"]) or 1.0
