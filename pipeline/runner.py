@@ -79,10 +79,12 @@ class RunContext:
     def model(self):
         import torch
 
-        from pipeline.model import load_model
+        from pipeline.model import load_model, model_facts
 
         torch.manual_seed(int(self.cfg.seed))
-        return (self.load_model or load_model)(self.cfg.model, self.device, self.dtype)
+        model = (self.load_model or load_model)(self.cfg.model, self.device, self.dtype)
+        write_json(self.tables / "model.json", model_facts(model, self.cfg.model))  # what a scaling comparison plots against
+        return model
 
     @cached_property
     def tokenizer(self):
