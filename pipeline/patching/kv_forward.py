@@ -36,7 +36,7 @@ def unsupported_because(model) -> str | None:
     cfg = model.cfg
     architecture = getattr(cfg, "architecture", None)
     if architecture not in SUPPORTED:
-        return f"it knows the block layouts of {', '.join(SUPPORTED)}, not {architecture}'s"
+        return f"{architecture} is not one of the block layouts it knows (GPT-2's and Llama's: {', '.join(SUPPORTED)})"
     flags = [f for f in ("parallel_attn_mlp", "use_split_qkv_input", "use_attn_in", "use_attn_result",
                          "scale_attn_by_inverse_layer_idx") if getattr(cfg, f, False)]
     if flags:
