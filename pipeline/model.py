@@ -257,12 +257,12 @@ def training_step(model_cfg) -> int | None:
 
 
 def model_facts(bridge, model_cfg) -> dict:
-    """What a run records about the model it ran (tables/model.json): the x-axes of a scaling or
-    training comparison (pipeline/scaling.py) and the shape."""
+    """What a run's manifest records about the model it loaded (beside model_identity): the x-axes
+    of a scaling or training comparison (pipeline/scaling.py) and the shape."""
     cfg = bridge.cfg
-    return {"name": str(model_cfg.name), "revision": model_cfg.get("revision"), "step": training_step(model_cfg),
-            "architecture": cfg.architecture, "n_params": parameter_count(bridge), "n_layers": int(cfg.n_layers),
-            "n_heads": int(cfg.n_heads), "d_model": int(cfg.d_model)}
+    return {"revision": model_cfg.get("revision"), "step": training_step(model_cfg), "architecture": cfg.architecture,
+            "n_params": parameter_count(bridge), "n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads),
+            "d_model": int(cfg.d_model)}
 
 
 def model_identity(model_cfg) -> dict:

@@ -79,12 +79,10 @@ class RunContext:
     def model(self):
         import torch
 
-        from pipeline.model import load_model, model_facts
+        from pipeline.model import load_model
 
         torch.manual_seed(int(self.cfg.seed))
-        model = (self.load_model or load_model)(self.cfg.model, self.device, self.dtype)
-        write_json(self.tables / "model.json", model_facts(model, self.cfg.model))  # what a scaling comparison plots against
-        return model
+        return (self.load_model or load_model)(self.cfg.model, self.device, self.dtype)
 
     @cached_property
     def tokenizer(self):
@@ -249,6 +247,10 @@ def run_stages(cfg, run_dir: Path, manifest: Manifest, load_model=None) -> None:
             raise
         if name == "data":
             manifest.data["dataset_hash"] = file_hash(run_dir / "dataset.csv")
+        if "model" in ctx.__dict__:  # the model this stage loaded: what a scaling comparison plots against
+            from pipeline.model import model_facts
+
+            manifest.data["model"].update(model_facts(ctx.model, cfg.model))
         manifest.set(name, status="done", seconds=round(time.perf_counter() - started, 2))
         log.info("stage %s: done in %.1fs", name, manifest.data["stages"][name]["seconds"])
     manifest.data["status"] = "complete"

@@ -9,8 +9,8 @@ checkpoints (`-m +experiment=training`), each run gives one point:
   `metric=logit_diff` it is the logit-difference gap);
 - where the circuit stage ran, the circuit's first faithful size: the smallest fraction of edges
   at which the winning method's circuit reaches faithfulness 0.8 (tables/circuit_summary.json);
-- its x: the parameter count, or the training step, that the run recorded in tables/model.json
-  (pipeline/model.py model_facts).
+- its x: the parameter count, or the training step, that the run recorded in its manifest's
+  `model` (pipeline/model.py model_facts).
 The view is drawn when two or more runs have a headline and differ in parameter count or step.
 """
 
@@ -27,17 +27,17 @@ FAITHFUL = 0.8  # the threshold tables/circuit_summary.json reports sizes at (`s
 
 
 def run_point(run) -> dict | None:
-    """One run's point, or None when it has no headline (no cache stage) or no tables/model.json."""
+    """One run's point, or None when it has no headline (no cache stage) or its manifest no
+    parameter count (a run made before runs recorded one)."""
     tables = run.path / "tables"
-    baseline, facts = tables / "baseline_null.csv", tables / "model.json"
-    if not baseline.exists() or not facts.exists():
+    baseline, model = tables / "baseline_null.csv", run.manifest.get("model", {})
+    if not baseline.exists() or "n_params" not in model:
         return None
     rows = pd.read_csv(baseline, keep_default_na=False)
     rows = rows[rows.feature.astype(str) == "all"]
     if rows.empty:
         return None
     headline = rows.iloc[0]
-    model = json.loads(facts.read_text())
     point = {"run": run.label, "model": model["name"], "revision": model.get("revision"), "step": model.get("step"),
              "n_params": int(model["n_params"]), "metric": run.config.get("metric.name", "logit_diff"),
              **{k: float(headline[k]) for k in HEADLINE}}

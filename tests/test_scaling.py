@@ -38,7 +38,7 @@ def test_scaling_over_two_tiny_sizes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_sweep_dir(tmp_path)
     runs = [sweep / "0", sweep / "1"]
-    facts = [json.loads((run / "tables" / "model.json").read_text()) for run in runs]
+    facts = [json.loads((run / "manifest.json").read_text())["model"] for run in runs]
     assert [f["n_layers"] for f in facts] == [1, 2] and facts[0]["n_params"] < facts[1]["n_params"]
     table, page = compared(sweep, tmp_path)
     assert list(table.n_params) == [f["n_params"] for f in facts]
@@ -64,7 +64,7 @@ def test_training_over_two_local_checkpoints(tmp_path):
                       "model.revision=checkpoint-1000,checkpoint-2000", "stage.stages=[data,cache]", *FEW], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only_sweep_dir(tmp_path)
-    facts = [json.loads((sweep / job / "tables" / "model.json").read_text()) for job in ("0", "1")]
+    facts = [json.loads((sweep / job / "manifest.json").read_text())["model"] for job in ("0", "1")]
     assert [f["step"] for f in facts] == [1000, 2000] and [f["revision"] for f in facts] == ["checkpoint-1000", "checkpoint-2000"]
     table, page = compared(sweep, tmp_path)
     assert list(table.step) == [1000, 2000]
