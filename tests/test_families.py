@@ -35,19 +35,15 @@ from conftest import make_cfg
 from test_patching import equal_length_pairs
 from test_prompts import small_dataset
 
-ALL = list(FAMILIES)
-_MODELS: dict[str, object] = {}
-
-
-def family_model(family: str):
-    """The tiny model of `family`, loaded once per session."""
-    if family not in _MODELS:
-        torch.manual_seed(0)
-        rotary = family != "gpt2"
-        cfg = make_cfg(["model=tiny", f"model.family={family}",
-                        f"model.processing.refactor_factored_attn_matrices={str(not rotary).lower()}"])
-        _MODELS[family] = load_model(cfg.model, "cpu", torch.float32)
-    return _MODELS[family]
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_model(request):
+    """(family name, its tiny model): built and loaded once per session; pytest runs one family's
+    tests together, so one model is held at a time."""
+    torch.manual_seed(0)
+    rotary = request.param != "gpt2"
+    cfg = make_cfg(["model=tiny", f"model.family={request.param}",
+                    f"model.processing.refactor_factored_attn_matrices={str(not rotary).lower()}"])
+    return request.param, load_model(cfg.model, "cpu", torch.float32)
 
 
 def mixed_pairs(model, n=6):
@@ -86,9 +82,8 @@ def recorded(model, batch, answers, batch_size):
     return record_attributions(rec.result(), correct, incorrect)
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_attribution_closes_and_the_record_equals_its_own_pass(family):
-    model = family_model(family)
+def test_attribution_closes_and_the_record_equals_its_own_pass(family_model):
+    family, model = family_model
     pairs = mixed_pairs(model, 5)
     r = attribute(model, pairs.clean, pairs.answers, batch_size=5)
     before_cap = pre_cap_logit_diff(model, pairs.clean, pairs.answers)
@@ -108,9 +103,8 @@ def test_attribution_closes_and_the_record_equals_its_own_pass(family):
         assert not any(label.endswith("_mid") for label in r["labels"]["logit_lens"])  # no resid_mid in a parallel block
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_fast_engine_equals_reference(family):
-    model = family_model(family)
+def test_fast_engine_equals_reference(family_model):
+    family, model = family_model
     pairs = mixed_pairs(model, 3)
     # GPT-J's attention runs inside its Hugging Face module: an edited pattern is discarded, and the
     # patching stage refuses the pattern part there rather than report no effect.
@@ -149,9 +143,8 @@ def inputs_and_outputs(model, graph, batch):
     return seen, out
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_graph_nodes_add_up_to_every_input_and_follow_the_architecture(family):
-    model = family_model(family)
+def test_graph_nodes_add_up_to_every_input_and_follow_the_architecture(family_model):
+    family, model = family_model
     pairs = equal_length_pairs(model, 3)
     with edge_hooks(model):
         graph = Graph.of(model)
@@ -209,9 +202,8 @@ def finite_difference_scores(model, graph, pairs, edge_ids, eps=1e-2):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_eap_equals_finite_differences(family):
-    model = family_model(family)
+def test_eap_equals_finite_differences(family_model):
+    family, model = family_model
     pairs = equal_length_pairs(model, 3)
     with edge_hooks(model):
         graph = Graph.of(model)
@@ -254,9 +246,8 @@ def naive_rebuild(model, graph, pairs, edge, clean_in, clean_out, corr_out):
     return logit_diff(gather_last(logits, pairs.clean.last), pairs.answers)
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_single_edge_circuits_equal_a_naive_rebuild(family):
-    model = family_model(family)
+def test_single_edge_circuits_equal_a_naive_rebuild(family_model):
+    family, model = family_model
     pairs = equal_length_pairs(model, 3)
     with edge_hooks(model):
         graph = Graph.of(model)
@@ -286,9 +277,8 @@ def prompt_metric(model, batch, answers, i):
         return logit_diff(model(batch.tokens[i:i + 1, :n])[:, -1].float(), answers[i:i + 1])
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_circuits_on_mixed_lengths_batched_equal_one_prompt_at_a_time(family):
-    model = family_model(family)
+def test_circuits_on_mixed_lengths_batched_equal_one_prompt_at_a_time(family_model):
+    family, model = family_model
     pairs = mixed_pairs(model, 4)
     with edge_hooks(model):
         graph = Graph.of(model)
@@ -307,9 +297,8 @@ def test_circuits_on_mixed_lengths_batched_equal_one_prompt_at_a_time(family):
     torch.testing.assert_close(e_batch[1], corrupted, atol=1e-4, rtol=0)  # the empty one the corrupted run
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_path_patching_shortcut_equals_full_runs(family):
-    model = family_model(family)
+def test_path_patching_shortcut_equals_full_runs(family_model):
+    family, model = family_model
     pairs = mixed_pairs(model, 3)
     with edge_hooks(model):
         graph = Graph.of(model)
