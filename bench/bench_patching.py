@@ -25,7 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformer_lens import patching as tl_patching  # noqa: E402
 
-from pipeline.metrics import logit_diff  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.patching import kv_forward  # noqa: E402
 from pipeline.patching.engine import run_cells  # noqa: E402
@@ -67,7 +66,7 @@ def main() -> None:
     print(f"model {args.model}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; {len(pairs)} prompts of "
           f"{pairs.clean.tokens.shape[1]} tokens; {torch.get_num_threads()} threads")
     _, clean_cache = model.run_with_cache(pairs.clean.tokens)
-    metric = lambda logits: logit_diff(logits[:, -1].float(), pairs.answers)  # noqa: E731
+    metric = lambda logits: pairs.answers.values(logits[:, -1].float())  # noqa: E731
     total_tl = total_ours = 0.0
     ref = "TL" if args.against == "transformer_lens" else "prev"
     print(f"{'sweep':<11}{ref + ' s':>9}{'ours s':>9}{'ratio':>8}{'max |diff|':>12}{ref + ' peak MB':>14}{'ours peak MB':>14}")

@@ -25,12 +25,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.architecture import head_writes, parallel, post_norm_gains
 from pipeline.forward import model_device
 from pipeline.metrics import AnswerWeights, gather_last
 from pipeline.prompts import PromptBatch, micro_batches
 
 CACHED_HOOKS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_pattern", "ln_final.hook_scale")
+                "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_pattern", "ln_final.hook_scale",
+                "ln1_post.hook_scale")
 
 
 def apply_final_ln_scale(model, stack: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -49,6 +51,7 @@ def attribute(model, batch: PromptBatch, answers: AnswerWeights, batch_size: int
     device = model_device(model)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     W_O = model.W_O  # [layers, heads, d_head, d_model]
+    gains = post_norm_gains(model)  # norms after the attention (Gemma 2, OLMo 2): pipeline/architecture.py
     out = {"logit_lens": [], "layer": [], "head": [], "model_metric": []}
     labels, last_attention = {}, []
     with torch.no_grad():
@@ -64,15 +67,18 @@ def attribute(model, batch: PromptBatch, answers: AnswerWeights, batch_size: int
                 last = stack[:, ar, mb.last].float()  # accumulate in float32 whatever the model's dtype
                 return (apply_final_ln_scale(model, last, scale) * direction).sum(-1)
 
-            acc, labels["logit_lens"] = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=None, return_labels=True)
+            # a parallel block (GPT-NeoX, GPT-J) has no residual stream between attention and MLP
+            acc, labels["logit_lens"] = cache.accumulated_resid(layer=-1, incl_mid=not parallel(model), pos_slice=None,
+                                                                return_labels=True)
             out["logit_lens"].append(project(acc) + bias)
             dec, dec_labels = cache.decompose_resid(layer=-1, pos_slice=None, return_labels=True)
             labels["layer"] = dec_labels + ["unembed_bias"]
             out["layer"].append(torch.cat([project(dec), bias[None]]))
             heads = []
             for layer in range(n_layers):
-                z_last = cache[f"blocks.{layer}.attn.hook_z"][ar, mb.last].float()  # [b, heads, d_head]
-                per_head = torch.einsum("bhk,hkd->hbd", z_last, W_O[layer].float())  # each head's write, no bias
+                z_last = cache[f"blocks.{layer}.attn.hook_z"][ar, mb.last]  # [b, heads, d_head]
+                post = cache[f"blocks.{layer}.ln1_post.hook_scale"][ar, mb.last] if gains[layer] is not None else None
+                per_head = head_writes(z_last, W_O[layer], gains[layer], post).transpose(0, 1)  # each head's write, no bias
                 heads.append((apply_final_ln_scale(model, per_head, scale) * direction).sum(-1))
             out["head"].append(torch.stack(heads))
             out["model_metric"].append(answers[rows].values(gather_last(logits, mb.last)))
@@ -98,10 +104,12 @@ class LastTokenRecord:
         n_layers = model.cfg.n_layers
         self.columns = model.W_U[:, token_ids].detach().float()  # [d_model, A]
         self.W_O = model.W_O.detach().float()  # [layers, heads, d_head, d_model]; the bridge stacks it anew on each access
+        self.gains = post_norm_gains(model)  # norms after the attention (Gemma 2, OLMo 2): pipeline/architecture.py
         b_U = getattr(model, "b_U", None)
         self.bias = (b_U[token_ids].detach().float().cpu() if b_U is not None else torch.zeros(len(token_ids)))
         # Labels and order of TransformerLens's accumulated_resid(incl_mid=True) and decompose_resid.
-        self.lens_hooks = {f"{l}_{half}": f"blocks.{l}.hook_resid_{half}" for l in range(n_layers) for half in ("pre", "mid")}
+        halves = ("pre",) if parallel(model) else ("pre", "mid")  # a parallel block has no resid_mid
+        self.lens_hooks = {f"{l}_{half}": f"blocks.{l}.hook_resid_{half}" for l in range(n_layers) for half in halves}
         self.lens_hooks["final_post"] = f"blocks.{n_layers - 1}.hook_resid_post"
         self.layer_hooks = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
         self.layer_hooks.update({f"{l}_{kind}": f"blocks.{l}.hook_{kind}" for l in range(n_layers) for kind in ("attn_out", "mlp_out")})
@@ -124,6 +132,7 @@ class LastTokenRecord:
         out = [(h, keep(h, "vector")) for h in dict.fromkeys(names.values()) if h in self.model.hook_dict]
         out += [(f"blocks.{l}.attn.hook_z", keep(f"z{l}", "vector")) for l in range(n_layers)]
         out += [(f"blocks.{l}.attn.hook_pattern", keep(f"pattern{l}", "pattern")) for l in range(n_layers)]
+        out += [(f"blocks.{l}.ln1_post.hook_scale", keep(f"post{l}", "vector")) for l in range(n_layers) if self.gains[l] is not None]
         out.append(("ln_final.hook_scale", keep("scale", "vector")))
         return out
 
@@ -139,7 +148,7 @@ class LastTokenRecord:
             return torch.einsum("cbd,da->bca", apply_final_ln_scale(model, stack, scale), columns).cpu()
 
         layer_labels = [k for k, h in self.layer_hooks.items() if h in seen]  # embeddings a model has
-        heads = [torch.einsum("bhk,hkd->hbd", seen[f"z{l}"].float(), self.W_O[l])
+        heads = [head_writes(seen[f"z{l}"], self.W_O[l], self.gains[l], seen.get(f"post{l}")).transpose(0, 1)
                  for l in range(model.cfg.n_layers)]  # each head's write, no bias
         self.batches.append({
             "index": index.cpu(),

@@ -266,12 +266,12 @@ def correlation(joined: pd.DataFrame, runs: list[Run]) -> str:
 
 
 def page(runs: list[Run], sections: list[dict], skipped: list[str], circuit: dict | None = None,
-         scores: dict | None = None) -> str:
+         scores: dict | None = None, scaling: dict | None = None) -> str:
     shown = [{"label": run.label, "path": str(run.path), "model": str(run.manifest.get("model", {}).get("name")),
               "direction": str(run.manifest.get("direction")), "dataset": str(run.manifest.get("dataset_hash")),
               "device": str(run.manifest.get("device")), "status": str(run.manifest.get("status"))} for run in runs]
     return render("comparison.html.j2", runs=shown, sections=sections, skipped=skipped, plotly_js=PLOTLY_JS,
-                  circuit=circuit, scores=scores)
+                  circuit=circuit, scores=scores, scaling=scaling)
 
 
 def section(name: str, joined: pd.DataFrame, names: pd.Series, runs: list[Run]) -> dict:
@@ -310,6 +310,7 @@ class Comparison:
     skipped: list[str] = field(default_factory=list)
     circuit: dict | None = None  # pipeline/circuit/compare_view.py: shared edges, both faithfulness curves
     scores: dict | None = None  # pipeline/compare_scores.py: headline scores and stereotype agreement
+    scaling: dict | None = None  # pipeline/scaling.py: the headline and circuit size against size or training step
 
 
 def open_runs(dirs: list[str], allow_different_datasets: bool) -> list[Run]:
@@ -347,9 +348,11 @@ def comparison(runs: list[Run]) -> Comparison:
 
     result.circuit = circuit_comparison(runs)
     from pipeline.compare_scores import score_comparison
+    from pipeline.scaling import scaling_comparison
 
     result.scores = score_comparison(runs)
-    if not result.tables and not result.circuit and not result.scores:
+    result.scaling = scaling_comparison(runs)
+    if not result.tables and not result.circuit and not result.scores and not result.scaling:
         raise PipelineError(f"the runs share no per-component table to compare ({', '.join(str(r.path) for r in runs)})")
     return result
 
@@ -363,8 +366,11 @@ def write_comparison(result: Comparison, out_dir: Path) -> Path:
         sections.append(section(name, joined, result.names[name], result.runs))
     for name, table in {**(result.circuit or {}).get("tables", {}), **(result.scores or {}).get("tables", {})}.items():
         write_table(out_dir / "tables" / f"{name}.csv", table)
+    if result.scaling:
+        write_table(out_dir / "tables" / "compare_scaling.csv", result.scaling["table"])
     ensure_plotly_js(out_dir)
-    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped, result.circuit, result.scores))
+    write_atomic(out_dir / "comparison.html", page(result.runs, sections, result.skipped, result.circuit, result.scores,
+                                                   result.scaling))
     return out_dir
 
 
@@ -379,6 +385,9 @@ def compare(dirs: list[str], out: str | None, allow_different_datasets: bool) ->
     for name, joined in result.tables.items():
         print(f"  {name}: {len(joined)} components; largest difference {joined['max_abs_diff'].max():.4g} "
               f"({result.names[name].iloc[0]})")
+    if result.scaling:
+        print(f"  scaling: the headline against {result.scaling['axis']} over {len(result.scaling['rows'])} runs "
+              "(tables/compare_scaling.csv)")
     for note in result.skipped:
         print(f"  skipped {note}")
     write_comparison(result, out_dir)

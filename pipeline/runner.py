@@ -400,6 +400,10 @@ def run_stages(cfg, run_dir: Path, manifest: Manifest, load_model=None) -> None:
         outputs = outputs_of(run_dir, written)
         if name == "data":
             manifest.data["dataset_hash"] = outputs["dataset.csv"]["sha256"]
+        if "model" in ctx.__dict__:  # the model this stage loaded: what a scaling comparison plots against
+            from pipeline.model import model_facts
+
+            manifest.data["model"].update(model_facts(ctx.model, cfg.model))
         manifest.set(name, status="done", seconds=round(time.perf_counter() - started, 2), outputs=outputs)
         log.info("stage %s: done in %.1fs", name, manifest.data["stages"][name]["seconds"])
     manifest.data["status"] = "complete"

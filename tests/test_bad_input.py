@@ -129,7 +129,10 @@ CONFIG_CASES = {
                              "(every row) or an integer of 1 or more"),
     "unknown-sweep": (["stage=patching", "patching.sweeps=[resid_pre,heads]"], "config: patching.sweeps names an unknown "
                       "sweep 'heads'; accepted: any of resid_pre, block, head_out, head_parts"),
-    "unknown-model": (["model=no-such-model"], "unknown model 'no-such-model': choose from gpt2-small, smollm2-135m, tiny "
+    "unknown-model": (["model=no-such-model"], "unknown model 'no-such-model': choose from gemma-2-2b, gpt2-large, "
+                      "gpt2-medium, gpt2-small, gpt2-xl, llama-3.2-1b, pythia-1.4b-deduped, pythia-160m-deduped, "
+                      "pythia-1b-deduped, pythia-2.8b-deduped, pythia-410m-deduped, pythia-70m-deduped, qwen2.5-0.5b, "
+                      "qwen2.5-1.5b, smollm2-1.7b, smollm2-135m, smollm2-360m, tiny "
                       "(or keep a model config and set model.name=<hub name or local dir>)"),
     "unknown-stage": (["stage=no-such-stage"], "unknown stage 'no-such-stage': choose from all, attribution, cache, circuit, data, intervene, patching, report"),
 }

@@ -70,11 +70,11 @@ def capture_outputs(model, graph: Graph, mb: PromptBatch, hooks=()) -> tuple[tor
     b, s = mb.tokens.shape
     out = torch.zeros(b, graph.n_up, s, model.cfg.d_model, device=mb.tokens.device)
     with torch.no_grad():
-        logits = last_token_logits(model, mb, [*hooks, *upstream_writers(graph, out)])
+        logits = last_token_logits(model, mb, [*hooks, *upstream_writers(model, graph, out)])
     return out, logits
 
 
-def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | None = None,
+def upstream_writers(model, graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | None = None,
                      running: torch.Tensor | None = None):
     """Hooks that write each upstream node's output (minus `minus`, if given) into buffer[:, node],
     and add it to `running` [batch, pos, d_model] (the sum over the nodes written so far).
@@ -92,7 +92,7 @@ def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | N
 
     hooks = [(graph.input_hook(), writer(slice(0, 1)))]
     for l in range(graph.n_layers):
-        hooks.append((graph.head_out_hook(l), writer(slice(graph.up_head(l, 0), graph.up_head(l, 0) + graph.n_heads))))
+        hooks += graph.head_writers(model, l, writer(slice(graph.up_head(l, 0), graph.up_head(l, 0) + graph.n_heads)))
         hooks.append((graph.mlp_out_hook(l), writer(slice(graph.up_mlp(l), graph.up_mlp(l) + 1))))
     return hooks
 
@@ -100,7 +100,7 @@ def upstream_writers(graph: Graph, buffer: torch.Tensor, minus: torch.Tensor | N
 def downstream_inputs(graph: Graph):
     """(hook name, downstream index slice, layer, kind) of every downstream input."""
     for l in range(graph.n_layers):
-        for kind in ("q", "k", "v", "mlp"):
+        for kind in graph.input_kinds:
             yield graph.in_hook(l, kind), graph.down_slice(l, kind), graph.n_up_before(l, kind)
     yield graph.logits_hook(), slice(graph.down_logits, graph.down_logits + 1), graph.n_up
 
@@ -171,7 +171,7 @@ def edge_scores(model, pairs: PairedPrompts, metric: str, method: str = "eap", i
             for alpha in alphas:
                 hooks = _gradient_hooks(graph, ref, alpha, grads)
                 if alpha == 1.0:
-                    hooks += upstream_writers(graph, clean_out)
+                    hooks += upstream_writers(model, graph, clean_out)
                 with torch.enable_grad():
                     last = last_token_logits(model, ref.clean, hooks)
                     if clean_last is None:
@@ -270,7 +270,9 @@ def _run_circuits(model, graph, ref: Reference, corrupted, clean_last, notin, me
             n_out = int(out_mask.sum())
             if n_out == 0:
                 return x
-            use_in = 2 * n_out > out_mask.numel()
+            # (Not in parallel blocks: when a layer's MLP input is read, the running total may already
+            # hold that layer's heads, which do not feed it.)
+            use_in = 2 * n_out > out_mask.numel() and not graph.parallel
             mask = 1.0 - out_mask if use_in else out_mask
             cols = mask.amax(dim=(0, 2)).nonzero().squeeze(-1)
             r, _, s, d = diff.shape
@@ -286,7 +288,7 @@ def _run_circuits(model, graph, ref: Reference, corrupted, clean_last, notin, me
             return (x.float() - (delta.transpose(1, 2) if x.dim() == 4 else delta[:, 0])).to(x.dtype)
         return patch
 
-    hooks = upstream_writers(graph, diff, minus=corr, running=running)
+    hooks = upstream_writers(model, graph, diff, minus=corr, running=running)
     for name, index, n_before in downstream_inputs(graph):
         hooks.append((name, patcher(index, n_before)))
     with torch.no_grad():

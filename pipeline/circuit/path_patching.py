@@ -18,6 +18,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.architecture import has_module, output_soft_cap
 from pipeline.circuit.graph import Graph, enable_edge_hooks
 from pipeline.errors import PipelineError
 from pipeline.forward import last_token_logits, model_device
@@ -30,6 +31,9 @@ def parse_receivers(receivers, graph: Graph) -> list[tuple[int, str, int]] | Non
     """None for the final residual stream, else [(layer, q|k|v, head or kv head)]."""
     if receivers in (None, "logits") or list(receivers) == ["logits"]:
         return None
+    if graph.inputs != "qkv":
+        raise PipelineError("circuit.path_patching.receivers: this model's graph has no per-head q/k/v inputs "
+                            f"({graph.summary()}); use logits")
     out = []
     for r in receivers:
         m = re.fullmatch(r"a(\d+)\.(?:h|kv)(\d+)\.([qkv])", str(r))
@@ -44,19 +48,17 @@ def parse_receivers(receivers, graph: Graph) -> list[tuple[int, str, int]] | Non
 
 
 def _results(model, graph, mb, extra=()):
-    """Every head's output [b, pos, layer, head, d] and the last-token logits."""
-    b, s = mb.tokens.shape
-    out = torch.zeros(b, s, graph.n_layers, graph.n_heads, model.cfg.d_model, device=mb.tokens.device)
+    """Every head's output at graph.head_out_hook [b, pos, layer, head, d] (d: d_model, or d_head
+    where the hook is z) and the last-token logits."""
+    layers = []
 
-    def keep(layer):
-        def f(x, hook):
-            out[:, :, layer] = x.float()
-            return x
-        return f
+    def keep(x, hook):
+        layers.append(x.detach().float().clone())
+        return x
 
     with torch.no_grad():
-        logits = last_token_logits(model, mb, [*extra, *[(graph.head_out_hook(l), keep(l)) for l in range(graph.n_layers)]])
-    return out, logits
+        logits = last_token_logits(model, mb, [*extra, *[(graph.head_out_hook(l), keep) for l in range(graph.n_layers)]])
+    return torch.stack(layers, 2), logits
 
 
 def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_size: int = 8,
@@ -90,7 +92,7 @@ def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_s
             mapped[j, k_pos.to(device)] = clean_res[j, c_pos.to(device)]
         b = len(answers)
         per_run = max(1, int(rows_per_run) // b)
-        cache = _last_token_cache(model, graph, corr) if recv is None and not full_runs else None
+        cache = _last_token_cache(model, graph, corr) if recv is None and not full_runs and last_token_shortcut(model, graph) else None
         for start in range(0, len(senders), per_run):
             group = senders[start:start + per_run]
             if cache is not None:
@@ -104,6 +106,16 @@ def path_patch(model, pairs: PairedPrompts, metric: str, receivers=None, batch_s
     if abs(anchors.clean - anchors.corrupted) < 1e-9:
         raise PipelineError("path patching: the clean and corrupted mean metric are equal, the normalized metric is undefined")
     return anchors.normalize(raw), anchors
+
+
+def last_token_shortcut(model, graph: Graph) -> bool:
+    """Whether _to_logits_last_token holds: sequential pre-norm blocks (an MLP reads ln2 of the
+    residual stream after its attention), head outputs that add into the residual stream as they
+    are, no norm after a sublayer and no cap on the logits. Other families (GPT-NeoX, GPT-J,
+    Gemma 2, OLMo 2) run every patched forward in full."""
+    block = model.blocks[0]
+    return (not graph.parallel and graph.head_output == "result" and has_module(block, "ln2")
+            and not has_module(block, "ln2_post") and output_soft_cap(model) is None)
 
 
 def _to_logits_last_token(model, graph, corr, corr_res, mapped, group, answers, clean_last, metric, cache):

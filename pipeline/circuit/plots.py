@@ -39,6 +39,9 @@ def node_xy(graph: Graph):
         up += [(l, float(h)) for h in range(graph.n_heads)] + [(l + 0.5, graph.n_heads + 0.5)]
     down = []
     for l in range(graph.n_layers):
+        if graph.inputs == "block":  # one input per layer, read by its heads and its MLP
+            down.append((l - 0.15, graph.n_heads / 2))
+            continue
         down += [(l - 0.15, float(h)) for h in range(graph.n_heads)]
         ratio = graph.n_heads / graph.n_kv_heads
         down += [(l - 0.15, g * ratio) for g in range(graph.n_kv_heads)] * 2

@@ -19,8 +19,9 @@ Why not TransformerLens's KV-cache entry point (`past_key_values`, which would a
 prompt): with transformers 5.x the model layers receive the cache under the new keyword `cache`,
 which the bridge's attention components do not read, so the cache stays empty and the
 continuation silently ignores the prompt (checked against TransformerLens 4.3 / transformers 5.24).
-The 4D mask is HuggingFace's documented "custom 4D mask", which the bridge applies as given; the
-scores are checked once per model against plain forward passes (`_check_against_plain`).
+The 4D mask is HuggingFace's documented "custom 4D mask", given in its additive form, which the
+bridge applies as given; the scores are checked once per model against plain forward passes
+(`_check_against_plain`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def packed_rows(mb: PromptBatch, ids: list[list[int]], group: list[int], pad_id:
         torch.tensor(targets, dtype=torch.long), torch.tensor(owners, dtype=torch.long)
 
 
+def additive(mask: torch.Tensor, model) -> torch.Tensor:
+    """A boolean 4D mask (True: may attend) in the additive form, 0 where allowed and the dtype's
+    minimum elsewhere: what every family's attention reads the same way. (GPT-J's attention adds a
+    4D mask as given, so a boolean one would add 0 or 1 and mask nothing.)"""
+    dtype = next(model.parameters()).dtype
+    return torch.where(mask, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
 def _positions_within(ids: list[list[int]], group: list[int]) -> torch.Tensor:
     """0, 1, .. within each continuation: its tokens sit where they would right after the prompt."""
     return torch.cat([torch.arange(len(ids[k]) - 1) for k in group]) if group else torch.zeros(0, dtype=torch.long)
@@ -147,7 +156,7 @@ def score_attributes(model, batch: PromptBatch, attrs: AttributeTokens, batch_si
                 if g == 0:
                     where = torch.cat([mb.last[:, None], where], 1)
                 hooks = [*(record.hooks(mb.last) if record is not None and g == 0 else ()), *extra]
-                logits = logits_at(model, tokens.to(device), where, hooks, attention_mask=mask.to(device),
+                logits = logits_at(model, tokens.to(device), where, hooks, attention_mask=additive(mask, model).to(device),
                                    position_ids=positions.to(device)).float().cpu()
                 if record is not None and g == 0:
                     record.collect(index)

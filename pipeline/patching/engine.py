@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.architecture import output_soft_cap, soft_capped
 from pipeline.forward import model_device
 from pipeline.metrics import gather_last
 from pipeline.patching import kv_forward
@@ -156,21 +157,22 @@ class PreparedBatch:
                 h.remove()
         assert len(self.block_inputs) == model.cfg.n_layers, "every block must run once in the corrupted run"
         self.corrupted_ld = self.answers.values(gather_last(logits, self.corrupted.last))
-        if not kv_forward.supported(model):
-            return
+        why_not = kv_forward.unsupported_because(model)
         args, kwargs = self.block_inputs[0]
         x0 = args[0] if args else kwargs["hidden_states"]
         rotary = kwargs.get("position_embeddings")
-        if rotary is None and model.cfg.positional_embedding_type == "rotary":
-            return
-        with torch.no_grad():
-            recording = kv_forward.Recording.of(model, x0, self.corrupted.attention_mask, rotary)
-            ld = self.final_ld(model, recording.final, torch.arange(self.size), 0)
-        gap = float((ld - self.corrupted_ld.cpu()).abs().max())
-        if gap <= agreement_tolerance(x0.dtype, self.corrupted_ld):
-            self.recording, self.block_inputs = recording, []
-        else:
-            log.warning("kv_forward differs from the bridge on this model (max gap %.2e): resuming the bridge's blocks instead", gap)
+        if why_not is None and rotary is None and model.cfg.positional_embedding_type == "rotary":
+            why_not = "the bridge passes its blocks no rotary cos/sin to reuse"
+        if why_not is None:
+            with torch.no_grad():
+                recording = kv_forward.Recording.of(model, x0, self.corrupted.attention_mask, rotary)
+                ld = self.final_ld(model, recording.final, torch.arange(self.size), 0)
+            gap = float((ld - self.corrupted_ld.cpu()).abs().max())
+            if gap <= agreement_tolerance(x0.dtype, self.corrupted_ld):
+                self.recording, self.block_inputs = recording, []
+            else:
+                why_not = f"it differs from the bridge's run of these prompts (max gap {gap:.2e})"
+        say_engine(model, why_not)
 
     def final_ld(self, model, x: torch.Tensor, sub: torch.Tensor, start: int, at_last: bool = True) -> torch.Tensor:
         """Logit differences of rows `sub` from the last block's output x, whose positions begin
@@ -179,6 +181,11 @@ class PreparedBatch:
         last = x[torch.arange(len(sub), device=x.device), at.to(x.device)]
         normed = model.ln_final(last[:, None, :])[:, 0].float()
         dev_sub = sub.to(x.device)
+        cap = output_soft_cap(model)
+        if cap is not None:  # Gemma 2 caps its logits: not linear in the residual stream, so take the answers' logits
+            b_U = getattr(model, "b_U", None)
+            logits = soft_capped(normed @ model.W_U.float() + (b_U.float() if b_U is not None else 0), cap)
+            return self.answers[dev_sub].values(logits).cpu()
         return ((normed * self.direction[dev_sub]).sum(-1) + self.bias[dev_sub]).cpu()
 
     def reference_ld(self, model, fwd_hooks) -> torch.Tensor:
@@ -297,6 +304,20 @@ class PreparedBatch:
             for n, (_, k, r) in enumerate(run):
                 outs[k][r] = ld[n]
         return outs
+
+
+_SAID: dict[int, str | None] = {}
+
+
+def say_engine(model, why_not: str | None) -> None:
+    """Log once per model (and again if it changes) how the fast engine runs its patched forwards."""
+    if _SAID.get(id(model), "unsaid") == why_not:
+        return
+    _SAID[id(model)] = why_not
+    if why_not is None:
+        log.info("fast engine: kv_forward (patched runs start at the patched block and position, reusing the corrupted run's keys and values)")
+    else:
+        log.info("fast engine: resuming the bridge's own blocks from the patched block (all positions), not kv_forward: %s", why_not)
 
 
 def plan_runs(starts: list[int], width: int, rows_per_run: int, min_tokens: int = MIN_RUN_TOKENS) -> list[tuple[int, int]]:

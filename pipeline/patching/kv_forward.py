@@ -11,9 +11,9 @@ this transformers version (blocks pass `cache=`, the bridge's attention reads `p
 and a bridge block computes every input position. The norms, projections and MLPs are the bridge's
 own modules; only the attention core (rotary, mask, softmax, weighted sum) is written here, for the
 two block layouts it knows: GPT-2 (learned positions) and Llama (rotary, grouped-query attention),
-which covers the embedded SmolLM2, gpt2-small and the tiny test model. `Recording.of` checks this
+which covers the embedded SmolLM2, gpt2-small, Qwen2, Mistral and Phi-3. `Recording.of` checks this
 forward against the bridge's own run of the same prompts; where they differ (another layout), the
-engine falls back to resuming the bridge's blocks.
+engine falls back to resuming the bridge's blocks, and says so in the log.
 """
 
 from __future__ import annotations
@@ -23,18 +23,31 @@ from typing import Callable
 
 import torch
 
-SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM")
+# Architectures with the block layout below (Qwen2 adds q/k/v biases inside its projections,
+# Mistral a sliding window, which the agreement check of each micro-batch catches where it bites).
+SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM")
 
 # part -> where the forward below applies it (the bridge's hook of the same name)
 Patcher = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def supported(model) -> bool:
+def unsupported_because(model) -> str | None:
+    """Why this forward cannot stand in for the model's blocks, or None when it can."""
     cfg = model.cfg
-    return (getattr(cfg, "architecture", None) in SUPPORTED and not getattr(cfg, "parallel_attn_mlp", False)
-            and not getattr(cfg, "use_split_qkv_input", False) and not getattr(cfg, "use_attn_in", False)
-            and not getattr(cfg, "use_attn_result", False) and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
-            and getattr(cfg, "attn_scores_soft_cap", -1.0) <= 0)
+    architecture = getattr(cfg, "architecture", None)
+    if architecture not in SUPPORTED:
+        return f"{architecture} is not one of the block layouts it knows (GPT-2's and Llama's: {', '.join(SUPPORTED)})"
+    flags = [f for f in ("parallel_attn_mlp", "use_split_qkv_input", "use_attn_in", "use_attn_result",
+                         "scale_attn_by_inverse_layer_idx") if getattr(cfg, f, False)]
+    if flags:
+        return f"the model has {', '.join(flags)} set"
+    if getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
+        return "the model soft-caps its attention scores"
+    return None
+
+
+def supported(model) -> bool:
+    return unsupported_because(model) is None
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from markupsafe import Markup
 
 from pipeline import figures
+from pipeline.architecture import output_soft_cap
 from pipeline.artifacts import read_tensors, safe_open_metadata, write_atomic, write_figure, write_table, write_tensors
 from pipeline.attribution import attribute, full_attention
 from pipeline.data.dataset import direction_sign
@@ -53,8 +54,13 @@ def run(ctx) -> None:
     if results is None:
         results = {side: attribute(model, getattr(pairs, side), pairs.answers, bs, desc=f"attribution ({side})")
                    for side in ("clean", "corrupted")}
+    cap = output_soft_cap(model)
+    if cap is not None:
+        log.info("attribution: the model soft-caps its logits at %g; attribution decomposes the metric before "
+                 "the cap (the logit lens's final_post), which the layer terms must sum to", cap)
     for side, r in results.items():
-        gap = float((r["layer"].sum(0) - r["model_metric"]).abs().max())
+        closes_to = r["model_metric"] if cap is None else r["logit_lens"][-1]
+        gap = float((r["layer"].sum(0) - closes_to).abs().max())
         tolerance = sum_tolerance(ctx.dtype, r["layer"], CLOSURE_ATOL)
         if gap > tolerance:
             raise PipelineError(f"layer attribution does not sum to the model's metric on the {side} prompts "

@@ -195,7 +195,7 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
 
     summary = {
         "metric": metric, "methods": methods, "ig_steps": int(c.ig_steps), "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
-        "graph": graph.summary(), "graph_shape": [graph.n_layers, graph.n_heads, graph.n_kv_heads], "score_prompts": n_score, "eval_prompts": n_eval,
+        "graph": graph.summary(), "graph_shape": graph.shape, "score_prompts": n_score, "eval_prompts": n_eval,
         "m_full": float(full.mean()), "m_empty": float(empty.mean()),
         "curves": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"], "size_at_0.8": v["size_at_0.8"]}
                    for k, v in curves.items()},

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from pipeline import figures
+from pipeline.architecture import discards_pattern_edits
 from pipeline.artifacts import read_tensors, write_figure, write_table, write_tensors
 from pipeline.errors import PipelineError
 from pipeline.metrics import LINEAR_METRICS, Anchors, check_metric
@@ -131,6 +132,10 @@ def run(ctx) -> None:
              sweeps, n_exact, pcfg.engine, anchors.clean, anchors.corrupted)
 
     parts = list(dict.fromkeys(p for s in sweeps for p in SWEEPS[s]))
+    if "pattern" in parts and discards_pattern_edits(model):
+        raise PipelineError("patching.sweeps: head_parts patches the attention pattern, which the bridge cannot patch in "
+                            f"this model's attention ({model.cfg.architecture}: its Hugging Face module computes the attention, "
+                            "and an edited pattern is discarded); use patching.sweeps=[resid_pre,block,head_out]")
     exact = {}
     for part in parts:
         cells = cells_of(model, pairs, part)
