@@ -52,8 +52,8 @@ def mixed_pairs(model, n=6):
     return pairs
 
 
-def pre_cap_answers.values(model, batch):
-    """The logit difference at each prompt's last token before any soft cap, from a plain forward
+def pre_cap_metric(model, batch, answers):
+    """The metric at each prompt's last token before any soft cap, from a plain forward
     (the unembedding's own output)."""
     box = {}
 
@@ -86,7 +86,7 @@ def test_attribution_closes_and_the_record_equals_its_own_pass(family_model):
     family, model = family_model
     pairs = mixed_pairs(model, 5)
     r = attribute(model, pairs.clean, pairs.answers, batch_size=5)
-    before_cap = pre_cap_pairs.answers.values(model, pairs.clean)
+    before_cap = pre_cap_metric(model, pairs.clean, pairs.answers)
     torch.testing.assert_close(r["layer"].sum(0), before_cap, atol=1e-4, rtol=0)
     torch.testing.assert_close(r["logit_lens"][-1], before_cap, atol=1e-4, rtol=0)
     if getattr(model.cfg, "output_logits_soft_cap", -1) <= 0:
