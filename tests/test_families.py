@@ -69,7 +69,7 @@ def pre_cap_metric(model, batch, answers):
 def recorded(model, batch, answers, batch_size):
     """attribute()'s outputs from LastTokenRecord riding on plain forwards, as the data stage's
     probing pass does."""
-    ids = sorted(set(answers.flatten().tolist()))
+    ids = sorted(set(answers.tokens.flatten().tolist()))
     rec = LastTokenRecord(model, ids)
     with torch.no_grad():
         for rows in micro_batches(len(batch), batch_size):
@@ -77,9 +77,11 @@ def recorded(model, batch, answers, batch_size):
             model.run_with_hooks(mb.tokens, attention_mask=mb.attention_mask, fwd_hooks=rec.hooks(mb.last))
             rec.collect(torch.arange(rows.start, rows.stop))
     column = {t: i for i, t in enumerate(ids)}
-    correct = torch.tensor([column[int(a)] for a in answers[:, 0]])
-    incorrect = torch.tensor([column[int(a)] for a in answers[:, 1]])
-    return record_attributions(rec.result(), correct, incorrect)
+    weights = torch.zeros(len(answers), len(ids))  # the metric as weights over the record's columns
+    for k in range(answers.tokens.shape[1]):
+        cols = torch.tensor([column[int(t)] for t in answers.tokens[:, k]])
+        weights[torch.arange(len(answers)), cols] += answers.weights[:, k]
+    return record_attributions(rec.result(), weights)
 
 
 def test_attribution_closes_and_the_record_equals_its_own_pass(family_model):

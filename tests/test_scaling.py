@@ -48,7 +48,7 @@ def test_scaling_over_two_tiny_sizes(tmp_path):
             assert getattr(row, key) == pytest.approx(float(expected[key])), key
         summary = json.loads((run / "tables" / "circuit_summary.json").read_text())
         assert row.faithful_fraction == pytest.approx(summary["curves"][summary["winner"]]["size_at_0.8"])
-        assert row.metric == "logit_diff"
+        assert row.metric == "favorability"  # the default metric: the covert prejudice score
     assert "Against model size" in page and "Smallest circuit with faithfulness" in page
 
 
