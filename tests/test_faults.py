@@ -349,7 +349,7 @@ def test_a_run_resumes_after_the_caches_moved(copy, tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.INFO, logger="pipeline"):
         manifest = run(make_cfg(TINY), resumed)  # no "different config"
     assert manifest["config_hash"] == old["config_hash"] and manifest["status"] == "complete"
-    assert manifest["local"] == {"model.dir": str(tmp_path / "moved-cache" / "tiny-gpt2")} != old["local"]
+    assert manifest["local"] == {"model.dir": str(tmp_path / "moved-cache" / "tiny-gpt2-2x64")} != old["local"]
     assert "stage cache: already done in this run (outputs checked), skipped" in [r.getMessage() for r in caplog.records]
     # The embedded model's weights cache leaves the hash alone too.
     embedded = config_hash(make_cfg([]))

@@ -47,6 +47,7 @@ from pipeline.interventions import ComponentSwap, DirectionAblation, dialect_dir
 from pipeline.metrics import LINEAR_METRICS
 from pipeline.nulls import unit_index
 from pipeline.stages.data import GUISE_LOGPROBS
+from pipeline.stats import summarize
 
 log = logging.getLogger(__name__)
 AAE_CLEAN = SimpleNamespace(clean="aae", corrupted="sae", name="aae_clean")  # the interventions' orientation
@@ -104,12 +105,9 @@ def bootstrap_ratio(base: np.ndarray, left: np.ndarray, units, n_boot: int, seed
 
 
 def bootstrap_mean(x: np.ndarray, units, n_boot: int, seed: int) -> tuple[float, float, float]:
-    inverse, n_units = unit_index(units)
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(n_boot)])[:, inverse]
-    boot = counts @ x / counts.sum(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return float(x.mean()), float(lo), float(hi)
+    """The mean of per-prompt values with its 95% pair-bootstrap interval (pipeline/stats.py)."""
+    s = summarize(torch.as_tensor(x, dtype=torch.float64)[None], n_boot, seed, units)
+    return float(s["mean"][0]), float(s["ci_low"][0]), float(s["ci_high"][0])
 
 
 def measure_checkpointed(ctx, model, pairs, interventions: dict, batch_size: int, chunk: int, name: str) -> dict:
