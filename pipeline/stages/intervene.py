@@ -242,7 +242,7 @@ def run(ctx) -> None:
     associations = association_change(ctx, pairs, rows, chosen, int(icfg.association_prompts)) if icfg.association_prompts else None
     tasks = task_gaps(ctx, df, chosen, n_boot, seed) if icfg.tasks else None
 
-    summary = summarize(ctx, table, score, len(pairs), len(set(units)), associations, tasks, size)
+    summary = reported_numbers(ctx, table, score, len(pairs), len(set(units)), associations, tasks, size)
     write_json(ctx.tables / "intervention_summary.json", summary)
     write_figure(ctx.figures / "intervention_dose_response.html", figures.dose_response(table, score, metric))
     for line in summary["sentences"]:
@@ -383,7 +383,7 @@ def task_gaps(ctx, df: pd.DataFrame, chosen: dict, n_boot: int, seed: int) -> pd
     return table
 
 
-def summarize(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: int, associations, tasks, size: int) -> dict:
+def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: int, associations, tasks, size: int) -> dict:
     """The numbers the report states: for each kind at the report size, the share removed by the
     top components against the band of random ones, and the cost."""
     out = {"metric": str(ctx.cfg.metric.name), "prompts": n_prompts, "pairs": n_pairs,
