@@ -63,28 +63,28 @@ def intervention_rows(runs) -> pd.DataFrame:
 
 
 def intervention_figure(curves: pd.DataFrame) -> go.Figure:
-    """One panel per intervention kind: each run's share of the held-out score removed by its top
-    components against their number (with the interval), and the band of its random draws."""
+    """One panel per intervention kind: the held-out score each run's top components remove (metric
+    units) against their number (with the interval), and the band of its random draws."""
     kinds = list(dict.fromkeys(curves.kind))
-    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[f"{k}: share of the held-out score removed" for k in kinds],
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[f"{k}: held-out score removed" for k in kinds],
                         horizontal_spacing=0.07)
     for i, (run, group) in enumerate(curves.groupby("run", sort=False)):
         colour = f"hsl({(i * 137) % 360},65%,42%)"
         for j, kind in enumerate(kinds, 1):
             t = group[group.kind == kind].sort_values("size")
             top = t[t.selection == "top"]
-            rand = t[t.selection.str.startswith("random")].groupby("size").removed
+            rand = t[t.selection.str.startswith("random")].groupby("size").score_removed
             if len(rand.min()):
                 lo, hi = rand.min(), rand.max()
                 fig.add_trace(go.Scatter(x=list(lo.index) + list(hi.index[::-1]), y=list(lo) + list(hi[::-1]), fill="toself",
                                          fillcolor=colour, opacity=0.15, line=dict(width=0), hoverinfo="skip", showlegend=False), 1, j)
-            fig.add_trace(go.Scatter(x=top["size"], y=top.removed, mode="lines+markers", line=dict(color=colour), name=run,
+            fig.add_trace(go.Scatter(x=top["size"], y=top.score_removed, mode="lines+markers", line=dict(color=colour), name=run,
                                      legendgroup=run, showlegend=j == 1,
-                                     error_y=dict(type="data", symmetric=False, array=top.removed_ci_high - top.removed,
-                                                  arrayminus=top.removed - top.removed_ci_low),
-                                     hovertemplate=f"{run}<br>%{{x}}: removed %{{y:.0%}}<extra></extra>"), 1, j)
+                                     error_y=dict(type="data", symmetric=False, array=top.score_removed_ci_high - top.score_removed,
+                                                  arrayminus=top.score_removed - top.score_removed_ci_low),
+                                     hovertemplate=f"{run}<br>%{{x}}: removed %{{y:+.4f}}<extra></extra>"), 1, j)
             fig.update_xaxes(type="log", title_text="components removed", row=1, col=j)
-    fig.update_yaxes(tickformat=".0%", title_text="share removed (shaded: random draws)", row=1, col=1)
+    fig.update_yaxes(title_text="score removed, metric units (shaded: random draws)", row=1, col=1)
     fig.update_layout(title="Removing what each run found, on its held-out prompts", width=max(420 * len(kinds), 900),
                       height=480, legend=dict(orientation="h", y=-0.25), margin=dict(b=130))
     return fig

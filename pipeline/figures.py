@@ -245,9 +245,9 @@ def dose_response(table: pd.DataFrame, score: tuple[float, float, float], metric
                                  name="top (found on discovery prompts)", showlegend=j == 1,
                                  error_y=dict(type="data", symmetric=False, array=top.score_ci_high - top.score_left,
                                               arrayminus=top.score_left - top.score_ci_low),
-                                 customdata=np.stack([top.removed, top.removed_ci_low, top.removed_ci_high], -1),
-                                 hovertemplate="%{x}: score left %{y:+.4f}<br>removed %{customdata[0]:.0%} "
-                                               "[%{customdata[1]:.0%}, %{customdata[2]:.0%}]<extra></extra>"), 1, j)
+                                 customdata=np.stack([top.score_removed, top.score_removed_ci_low, top.score_removed_ci_high], -1),
+                                 hovertemplate="%{x}: score left %{y:+.4f}<br>removed %{customdata[0]:+.4f} "
+                                               "[%{customdata[1]:+.4f}, %{customdata[2]:+.4f}]<extra></extra>"), 1, j)
         fig.add_hline(y=score[0], line_dash="dash", line_color="#444", row=1, col=j)
         fig.add_hline(y=0, line_dash="dot", line_color="grey", row=1, col=j)
         if has_kl[kind]:

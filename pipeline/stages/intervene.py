@@ -86,8 +86,12 @@ def head_ranking(ctx) -> tuple[list[tuple[int, int]], str]:
 
 
 def separation(directions: dict[int, torch.Tensor]) -> list[int]:
-    """Layers ordered by the norm of their dialect direction relative to the largest, largest first."""
-    return sorted(directions, key=lambda l: -float(directions[l].norm()))
+    """Layers whose dialect direction is not zero, largest norm first. (The first layer's input at
+    the last token is that token's embedding, the same in both guises of a rotary model: no
+    direction to remove there.)"""
+    largest = max(float(d.norm()) for d in directions.values())
+    moving = [l for l, d in directions.items() if float(d.norm()) > 1e-6 * max(largest, 1e-12)]
+    return sorted(moving, key=lambda l: -float(directions[l].norm()))
 
 
 def bootstrap_ratio(base: np.ndarray, left: np.ndarray, units, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -134,16 +138,26 @@ def measure_checkpointed(ctx, model, pairs, interventions: dict, batch_size: int
     return out
 
 
-def curve_rows(kind: str, results: dict, labels: dict, base: np.ndarray, units, n_boot: int, seed: int) -> list[dict]:
-    """One row per intervention of a kind: its size, selection, score left, share removed, cost."""
+def effect_row(kind: str, selection: str, size: int, base: np.ndarray, left: np.ndarray, units, n_boot: int,
+               seed: int, share: bool) -> dict:
+    """The score left after an intervention and the score it removed (base - left, per prompt), in
+    metric units with pair-bootstrap intervals; the share removed only where `share` (the
+    unintervened score is distinguishable from 0: a ratio to a score that may be 0 means nothing)."""
+    score, lo, hi = bootstrap_mean(left, units, n_boot, seed)
+    drop, dlo, dhi = bootstrap_mean(base - left, units, n_boot, seed)
+    removed, rlo, rhi = bootstrap_ratio(base, left, units, n_boot, seed) if share else (np.nan, np.nan, np.nan)
+    return {"kind": kind, "selection": selection, "size": size, "score_left": score, "score_ci_low": lo, "score_ci_high": hi,
+            "score_removed": drop, "score_removed_ci_low": dlo, "score_removed_ci_high": dhi,
+            "share_removed": removed, "share_removed_ci_low": rlo, "share_removed_ci_high": rhi}
+
+
+def curve_rows(kind: str, results: dict, labels: dict, base: np.ndarray, units, n_boot: int, seed: int,
+               share: bool) -> list[dict]:
+    """One row per intervention of a kind: its size, selection, score left and removed, cost."""
     rows = []
     for name, (selection, size) in labels.items():
         r = {k: v.double().numpy() for k, v in results[name].items()}
-        left = r["metric_aae"] - r["metric_sae"]
-        score, lo, hi = bootstrap_mean(left, units, n_boot, seed)
-        removed, rlo, rhi = bootstrap_ratio(base, left, units, n_boot, seed)
-        row = {"kind": kind, "selection": selection, "size": size, "score_left": score, "score_ci_low": lo,
-               "score_ci_high": hi, "removed": removed, "removed_ci_low": rlo, "removed_ci_high": rhi}
+        row = effect_row(kind, selection, size, base, r["metric_aae"] - r["metric_sae"], units, n_boot, seed, share)
         for m in ("kl_sae", "kl_aae", "loss_sae", "loss_aae"):
             mean, mlo, mhi = bootstrap_mean(r[m], units, n_boot, seed)
             row.update({m: mean, f"{m}_ci_low": mlo, f"{m}_ci_high": mhi})
@@ -219,9 +233,13 @@ def run(ctx) -> None:
              time.perf_counter() - started)
     base = (results["none"]["metric_aae"] - results["none"]["metric_sae"]).double().numpy()
     score = bootstrap_mean(base, units, n_boot, seed)
+    share = score[1] > 0 or score[2] < 0  # a share of a score that may be 0 means nothing
+    if not share:
+        log.info("intervene: the held-out score %+.4f [%+.4f, %+.4f] on %d prompts is not distinguishable from 0: "
+                 "what each intervention removes is given in metric units only", *score, len(pairs))
     curve = []
     for kind, named in labels.items():
-        curve += curve_rows(kind, results, named, base, units, n_boot, seed)
+        curve += curve_rows(kind, results, named, base, units, n_boot, seed, share)
 
     if "edges" in icfg.kinds:
         curve += edge_removal(ctx, pairs.head(int(icfg.edge_prompts)), units[: int(icfg.edge_prompts)], n_boot, seed, draws)
@@ -287,15 +305,10 @@ def edge_removal(ctx, pairs, units, n_boot: int, seed: int, draws: int) -> list[
         sae = map_last_logits(model, pairs.corrupted, int(c.batch_size), lambda lg, r: pairs.answers[r].values(lg)).double().numpy()
     split = dict(zip(blocks, torch.split(m, [len(b) for b in blocks.values()])))
     base = split["none"][0].double().numpy() - sae
-    rows = []
-    for selection in [k for k in blocks if k != "none"]:
-        for i, k in enumerate(counts):
-            left = split[selection][i].double().numpy() - sae
-            mean, lo, hi = bootstrap_mean(left, units, n_boot, seed)
-            removed, rlo, rhi = bootstrap_ratio(base, left, units, n_boot, seed)
-            rows.append({"kind": "edges", "selection": selection, "size": k, "score_left": mean, "score_ci_low": lo,
-                         "score_ci_high": hi, "removed": removed, "removed_ci_low": rlo, "removed_ci_high": rhi})
-    return rows
+    score = bootstrap_mean(base, units, n_boot, seed)
+    share = score[1] > 0 or score[2] < 0
+    return [effect_row("edges", selection, k, base, split[selection][i].double().numpy() - sae, units, n_boot, seed, share)
+            for selection in [k for k in blocks if k != "none"] for i, k in enumerate(counts)]
 
 
 def association_change(ctx, pairs, rows, chosen: dict, n: int) -> pd.DataFrame:
@@ -384,9 +397,11 @@ def task_gaps(ctx, df: pd.DataFrame, chosen: dict, n_boot: int, seed: int) -> pd
 
 
 def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: int, associations, tasks, size: int) -> dict:
-    """The numbers the report states: for each kind at the report size, the share removed by the
-    top components against the band of random ones, and the cost."""
-    out = {"metric": str(ctx.cfg.metric.name), "prompts": n_prompts, "pairs": n_pairs,
+    """The numbers the report states: for each kind at the report size, the score the top components
+    remove (metric units; the share too where the held-out score is distinguishable from 0) against
+    the band of random ones, and the cost."""
+    distinct = score[1] > 0 or score[2] < 0
+    out = {"metric": str(ctx.cfg.metric.name), "prompts": n_prompts, "pairs": n_pairs, "score_distinct_from_zero": distinct,
            "heldout_score": {"mean": score[0], "ci_low": score[1], "ci_high": score[2]}, "at": {}, "sentences": []}
     for kind in table.kind.unique():
         t = table[table.kind == kind]
@@ -394,8 +409,10 @@ def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: i
         k = int(t["size"].iloc[np.argmin(np.abs(t["size"].to_numpy() - k))])
         top = t[(t.selection == "top") & (t["size"] == k)].iloc[0]
         rand = t[t.selection.str.startswith("random") & (t["size"] == k)]
-        entry = {"size": k, "removed": top.removed, "removed_ci": [top.removed_ci_low, top.removed_ci_high],
-                 "random_removed": [float(rand.removed.min()), float(rand.removed.max())] if len(rand) else None,
+        entry = {"size": k, "score_removed": top.score_removed, "score_removed_ci": [top.score_removed_ci_low, top.score_removed_ci_high],
+                 "random_score_removed": [float(rand.score_removed.min()), float(rand.score_removed.max())] if len(rand) else None,
+                 "share_removed": top.share_removed, "share_removed_ci": [top.share_removed_ci_low, top.share_removed_ci_high],
+                 "random_share_removed": [float(rand.share_removed.min()), float(rand.share_removed.max())] if len(rand) else None,
                  "kl_sae": float(top["kl_sae"]) if "kl_sae" in top and np.isfinite(top["kl_sae"]) else None,
                  "loss_aae": float(top["loss_aae"]) if "loss_aae" in top and np.isfinite(top["loss_aae"]) else None}
         out["at"][kind] = entry
@@ -403,15 +420,23 @@ def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: i
                 "edges": f"the top {k} edges"}[kind]
         random_what = {"heads": f"{k} random heads", "direction": f"random directions at the same {k} layers",
                        "edges": f"{k} random edges"}[kind]
-        band = f"[{entry['random_removed'][0]:.0%}, {entry['random_removed'][1]:.0%}]" if entry["random_removed"] else "(no draws)"
         cost = ""
         if kind == "heads" and str(ctx.cfg.intervene.mode) == "blind" and entry["loss_aae"] is not None:
             cost = (f"; SAE prompts are unchanged by construction (KL 0), and the loss on the AAE utterance's tokens "
                     f"changes by {entry['loss_aae']:+.4f} nats")
         elif entry["kl_sae"] is not None:
             cost = f", at a KL cost of {entry['kl_sae']:.4f} nats on SAE prompts"
-        out["sentences"].append(f"removing {what} removes {top.removed:.0%} [{top.removed_ci_low:.0%}, {top.removed_ci_high:.0%}] "
-                                f"of the held-out score against {band} for {random_what}{cost}")
+        if distinct:
+            band = (f"[{entry['random_share_removed'][0]:.0%}, {entry['random_share_removed'][1]:.0%}]"
+                    if entry["random_share_removed"] else "(no draws)")
+            line = (f"removing {what} removes {top.share_removed:.0%} [{top.share_removed_ci_low:.0%}, "
+                    f"{top.share_removed_ci_high:.0%}] of the held-out score against {band} for {random_what}{cost}")
+        else:
+            band = (f"[{entry['random_score_removed'][0]:+.4f}, {entry['random_score_removed'][1]:+.4f}]"
+                    if entry["random_score_removed"] else "(no draws)")
+            line = (f"removing {what} lowers the held-out score by {top.score_removed:+.4f} [{top.score_removed_ci_low:+.4f}, "
+                    f"{top.score_removed_ci_high:+.4f}] ({ctx.cfg.metric.name} units) against {band} for {random_what}{cost}")
+        out["sentences"].append(line)
     if associations is not None:
         out["associations"] = associations.to_dict("records")
     if tasks is not None:

@@ -454,10 +454,12 @@ def intervene_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section
     if not path.exists():
         return []
     summary = read_json(path)
-    generalization = []
+    generalization, denominators = [], None
     circuit = run_dir / "tables" / "circuit_summary.json"
     if circuit.exists():
         c = read_json(circuit)
+        if c.get("m_full_heldout") is not None:
+            denominators = {"discovery": c["m_full"] - c["m_empty"], "heldout": c["m_full_heldout"] - c["m_empty_heldout"]}
         for prompts, curves in (("discovery", c.get("curves", {})), ("held-out", c.get("curves_heldout", {}))):
             for name, v in curves.items():
                 if name in (c["methods"][0], "random"):
@@ -469,8 +471,8 @@ def intervene_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section
     tasks = [[r["task"], r["answers"], r["intervention"], int(r["prompts"]), r["gap"], f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"]
              for r in summary.get("tasks", [])]
     fig = run_dir / "figures" / "intervention_dose_response.html"
-    data = {"s": summary, "generalization": generalization, "associations": associations, "tasks": tasks,
-            "figure": figure(fig) if fig.exists() else None}
+    data = {"s": summary, "generalization": generalization, "denominators": denominators, "associations": associations,
+            "tasks": tasks, "figure": figure(fig) if fig.exists() else None}
     return [Section("intervene", "Does removing it remove the prejudice?", "report/intervene.html.j2", data, nav="Removal")]
 
 
