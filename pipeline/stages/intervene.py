@@ -218,7 +218,7 @@ def run(ctx) -> None:
                       metadata={"axes": "[layer, d_model]: mean (AAE - SAE) residual entering each layer at the last token",
                                 "prompts": f"first {len(discovery)} discovery prompts"})
         labels["direction"] = {}
-        for k in log_sizes(n_layers, icfg.n_sizes):
+        for k in log_sizes(len(direction_layers), icfg.n_sizes):
             chosen = direction_layers[:k]
             interventions[f"direction/top/{k}"] = DirectionAblation({l: directions[l] for l in chosen})
             labels["direction"][f"direction/top/{k}"] = ("top", k)
@@ -256,7 +256,7 @@ def run(ctx) -> None:
         if f"heads/random0/{size}" in interventions:
             chosen[f"heads/random0/{size}"] = interventions[f"heads/random0/{size}"]
     if direction_layers:
-        chosen[f"direction/top/{n_layers}"] = interventions[f"direction/top/{n_layers}"]
+        chosen[f"direction/top/{len(direction_layers)}"] = interventions[f"direction/top/{len(direction_layers)}"]
     associations = association_change(ctx, pairs, rows, chosen, int(icfg.association_prompts)) if icfg.association_prompts else None
     tasks = task_gaps(ctx, df, chosen, n_boot, seed) if icfg.tasks else None
 
@@ -435,7 +435,8 @@ def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: i
             band = (f"[{entry['random_score_removed'][0]:+.4f}, {entry['random_score_removed'][1]:+.4f}]"
                     if entry["random_score_removed"] else "(no draws)")
             line = (f"removing {what} lowers the held-out score by {top.score_removed:+.4f} [{top.score_removed_ci_low:+.4f}, "
-                    f"{top.score_removed_ci_high:+.4f}] ({ctx.cfg.metric.name} units) against {band} for {random_what}{cost}")
+                    f"{top.score_removed_ci_high:+.4f}] ({ctx.cfg.metric.name} units; {top.score_left:+.4f} left) against "
+                    f"{band} for {random_what}{cost}")
         out["sentences"].append(line)
     if associations is not None:
         out["associations"] = associations.to_dict("records")
