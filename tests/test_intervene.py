@@ -78,6 +78,25 @@ def test_dialect_blind_heads_on_mixed_lengths_equal_one_prompt_at_a_time(model):
     assert (batched["some"]["metric_aae"] - batched["none"]["metric_aae"]).abs().max() > 1e-3
 
 
+def test_dialect_blind_heads_change_the_utterance_loss_only_where_the_utterances_line_up(model):
+    """What the report says of a blind swap's cost: it reaches the utterance's own predictions only at
+    role-matched positions, so where the utterances differ in token count (and share their first
+    token) the loss on them cannot change; where they line up token for token it does."""
+    blind = {"all": every_component(model)}
+    mixed = pairs_for(model, small_dataset(6), make_cfg([]))
+    got = measure(model, mixed, blind, batch_size=3)["all"]["loss_aae"]
+    checked = 0
+    for i in range(len(mixed)):
+        utt = [[p for p, r in enumerate(side.role_labels[i]) if r.startswith("utt")] for side in (mixed.clean, mixed.corrupted)]
+        same_first = mixed.clean.tokens[i, utt[0][0]] == mixed.corrupted.tokens[i, utt[1][0]]
+        if len(utt[0]) != len(utt[1]) and same_first:
+            assert abs(float(got[i])) < 1e-6
+            checked += 1
+    assert checked > 0
+    lined_up = measure(model, equal_length_pairs(model, 4, "favorability"), blind, batch_size=3)["all"]["loss_aae"]
+    assert lined_up.abs().max() > 1e-4
+
+
 def test_directional_ablation_leaves_no_component_along_the_direction(model):
     pairs = pairs_for(model, small_dataset(6), make_cfg([]))
     directions = dialect_directions(model, pairs, batch_size=4)

@@ -422,10 +422,17 @@ def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: i
                        "edges": f"{k} random edges"}[kind]
         cost = ""
         if kind == "heads" and str(ctx.cfg.intervene.mode) == "blind" and entry["loss_aae"] is not None:
+            # The swap touches the AAE prompt only at role-matched positions: the utterance's own
+            # predictions change only where both utterances have the same token count.
             cost = (f"; SAE prompts are unchanged by construction (KL 0), and the loss on the AAE utterance's tokens "
-                    f"changes by {entry['loss_aae']:+.4f} nats")
+                    f"changes by {entry['loss_aae']:+.4f} nats, but only where both utterances have the same token count, "
+                    f"so a blind swap has no full cost measure (intervene.mode=mean has one: its KL on SAE prompts)")
         elif entry["kl_sae"] is not None:
             cost = f", at a KL cost of {entry['kl_sae']:.4f} nats on SAE prompts"
+            if entry["loss_aae"] is not None:
+                cost += f" and a loss change of {entry['loss_aae']:+.4f} nats on the AAE utterance's tokens"
+        elif kind == "edges":
+            cost = "; its cost to the model is not measured (the circuit's exact evaluation reads the metric only)"
         if distinct:
             band = (f"[{entry['random_share_removed'][0]:.0%}, {entry['random_share_removed'][1]:.0%}]"
                     if entry["random_share_removed"] else "(no draws)")
