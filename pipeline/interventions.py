@@ -162,6 +162,19 @@ def run_guise(model, batch: PromptBatch, answers, hooks=()) -> dict[str, torch.T
     return {"metric": answers.values(last).cpu(), "logp": last.log_softmax(-1).cpu(), "loss": loss.cpu()}
 
 
+def guise_caches(model, batches: dict[str, PromptBatch], names: set[str]) -> dict:
+    """{guise: {hook name: activation}}: both guises' unintervened activations at `names`, what a
+    ComponentSwap's hooks read ({} when it reads none)."""
+    caches = {}
+    if not names:
+        return caches
+    for guise, mb in batches.items():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(mb.tokens, attention_mask=mb.attention_mask, names_filter=lambda n: n in names)
+        caches[guise] = {n: cache[n] for n in names}
+    return caches
+
+
 def measure(model, pairs: PairedPrompts, interventions: dict, batch_size: int, desc: str | None = None) -> dict:
     """{name: {"metric_aae", "metric_sae", "kl_aae", "kl_sae", "loss_aae", "loss_sae"} per prompt}
     for every intervention of `interventions` (name -> ComponentSwap | DirectionAblation | None for
@@ -175,13 +188,8 @@ def measure(model, pairs: PairedPrompts, interventions: dict, batch_size: int, d
         rows = list(range(chunk.start, chunk.stop))
         batches = {"aae": pairs.clean.take(rows).to(device), "sae": pairs.corrupted.take(rows).to(device)}
         answers = pairs.answers[torch.as_tensor(rows)]
-        caches, base = {}, {}
-        for guise, mb in batches.items():
-            if cached:
-                with torch.no_grad():
-                    _, cache = model.run_with_cache(mb.tokens, attention_mask=mb.attention_mask, names_filter=lambda n: n in cached)
-                caches[guise] = {n: cache[n] for n in cached}
-            base[guise] = run_guise(model, mb, answers)
+        caches = guise_caches(model, batches, cached)
+        base = {guise: run_guise(model, mb, answers) for guise, mb in batches.items()}
         matched = matched_positions(pairs, rows, device)
         for name in names:
             intervention = interventions.get(name)

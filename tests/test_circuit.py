@@ -172,17 +172,24 @@ def naive_single_edge(model, pairs, edge):
     return pairs.answers.values(gather_last(logits, pairs.clean.last))
 
 
+def single_edge_circuits(graph, n: int) -> tuple[list[int], torch.Tensor]:
+    """n seeded edges, and circuits [n + 2, edges]: all edges but one of them each, then the full
+    circuit, then the empty one."""
+    sample = torch.randperm(graph.n_edges, generator=torch.Generator().manual_seed(1))[:n].tolist()
+    circuits = torch.ones(n + 2, graph.n_edges, dtype=torch.bool)
+    for i, e in enumerate(sample):
+        circuits[i, e] = False
+    circuits[-1] = False
+    return sample, circuits
+
+
 @pytest.mark.parametrize("metric", ["logit_diff", "favorability"])
 @pytest.mark.parametrize("which", ["model", "gqa_model"])
 def test_single_edge_patching_equals_naive_rebuild_and_full_empty_are_clean_corrupted(which, metric, request):
     model = request.getfixturevalue(which)
     pairs = equal_length_pairs(model, 3, metric)
     graph = Graph.of(model)
-    sample = torch.randperm(graph.n_edges, generator=torch.Generator().manual_seed(1))[:12].tolist()
-    circuits = torch.ones(len(sample) + 2, graph.n_edges, dtype=torch.bool)
-    for i, e in enumerate(sample):
-        circuits[i, e] = False
-    circuits[-1] = False  # empty; circuits[-2] is full
+    sample, circuits = single_edge_circuits(graph, 12)
     with edge_hooks(model):
         ours = edges.evaluate(model, pairs, circuits, metric, batch_size=2, rows_per_run=8)
         with torch.no_grad():

@@ -32,6 +32,7 @@ from pipeline.patching.engine import run_cells
 from pipeline.patching.sweeps import cells_of
 from pipeline.prompts import micro_batches
 from conftest import make_cfg
+from test_circuit import single_edge_circuits
 from test_patching import equal_length_pairs
 from test_prompts import small_dataset
 
@@ -253,11 +254,7 @@ def test_single_edge_circuits_equal_a_naive_rebuild(family_model):
     pairs = equal_length_pairs(model, 3)
     with edge_hooks(model):
         graph = Graph.of(model)
-        sample = torch.randperm(graph.n_edges, generator=torch.Generator().manual_seed(1))[:6].tolist()
-        circuits = torch.ones(len(sample) + 2, graph.n_edges, dtype=torch.bool)
-        for i, e in enumerate(sample):
-            circuits[i, e] = False
-        circuits[-1] = False  # empty; circuits[-2] is full
+        sample, circuits = single_edge_circuits(graph, 6)  # then full, then empty
         ours = edges.evaluate(model, pairs, circuits, "logit_diff", batch_size=2, rows_per_run=8)
         with torch.no_grad():
             clean_in, clean_out = inputs_and_outputs(model, graph, pairs.clean)

@@ -43,7 +43,7 @@ from pipeline.data.ratings import packaged_ratings
 from pipeline.data.resources import load_templates
 from pipeline.data.scoring import attribute_tokens, score_attributes
 from pipeline.errors import PipelineError
-from pipeline.interventions import ComponentSwap, DirectionAblation, dialect_directions, matched_positions, measure
+from pipeline.interventions import ComponentSwap, DirectionAblation, dialect_directions, guise_caches, matched_positions, measure
 from pipeline.metrics import LINEAR_METRICS
 from pipeline.nulls import unit_index
 from pipeline.stages.data import GUISE_LOGPROBS
@@ -356,14 +356,8 @@ def intervention_hooks(model, pairs, intervention, guise: str):
             return []
         rows = index.tolist()
         device = model_device(model)
-        caches = {}
-        if intervention.cached:
-            for g, side in (("aae", "clean"), ("sae", "corrupted")):
-                mb = getattr(pairs, side).take(rows).to(device)
-                with torch.no_grad():
-                    _, cache = model.run_with_cache(mb.tokens, attention_mask=mb.attention_mask,
-                                                    names_filter=lambda n: n in intervention.cached)
-                caches[g] = {n: cache[n] for n in intervention.cached}
+        batches = {"aae": pairs.clean.take(rows).to(device), "sae": pairs.corrupted.take(rows).to(device)}
+        caches = guise_caches(model, batches, intervention.cached)
         return intervention.hooks(guise, caches, matched_positions(pairs, rows, device))
     return hooks_for
 
