@@ -12,6 +12,23 @@ import torch
 from pipeline.nulls import benjamini_hochberg, detectable_effect, sign_flip_test
 
 
+def bootstrap_counts(n_prompts: int, n_boot: int, seed: int, units=None) -> torch.Tensor:
+    """[n_boot, n_prompts] float64: how often each prompt is drawn in each bootstrap resample of
+    prompts or, with `units` (each prompt's pair id), of whole units: every prompt of a drawn unit,
+    as often as its unit is drawn."""
+    g = torch.Generator().manual_seed(seed)
+    if units is None:
+        unit_of = torch.arange(n_prompts)
+    else:
+        if len(units) != n_prompts:
+            raise ValueError(f"{len(units)} units for {n_prompts} prompts")
+        unit_of = torch.from_numpy(pd.factorize(pd.Series(list(units)))[0].astype(np.int64))
+    n_units = int(unit_of.max()) + 1 if len(unit_of) else 0
+    idx = torch.randint(max(n_units, 1), (n_boot, n_units), generator=g)  # units drawn with replacement
+    drawn = torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    return drawn[:, unit_of]
+
+
 def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, units=None) -> dict[str, torch.Tensor]:
     """values [..., n_prompts] (NaN where a prompt does not apply) -> mean, sem, ci_low, ci_high,
     n, each shaped [...]. The interval resamples prompts with replacement `n_boot` times or, with
@@ -27,17 +44,7 @@ def summarize(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, units=Non
     mean = filled.sum(-1) / n.clamp(min=1)
     var = (torch.where(valid, x - mean[:, None], torch.zeros_like(x)) ** 2).sum(-1) / (n - 1).clamp(min=1)
     sem = (var / n.clamp(min=1)).sqrt()
-    g = torch.Generator().manual_seed(seed)
-    if units is None:
-        unit_of = torch.arange(values.shape[-1])
-    else:
-        if len(units) != values.shape[-1]:
-            raise ValueError(f"{len(units)} units for {values.shape[-1]} prompts")
-        unit_of = torch.from_numpy(pd.factorize(pd.Series(list(units)))[0].astype(np.int64))
-    n_units = int(unit_of.max()) + 1 if len(unit_of) else 0
-    idx = torch.randint(max(n_units, 1), (n_boot, n_units), generator=g)  # units drawn with replacement
-    drawn = torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    counts = drawn[:, unit_of]  # [n_boot, n_prompts]: every prompt of a drawn unit, as often as it is drawn
+    counts = bootstrap_counts(values.shape[-1], n_boot, seed, units)
     boot = (filled @ counts.T) / (valid.double() @ counts.T).clamp(min=1)  # [rows, n_boot]
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=-1)
     if units is not None:

@@ -45,9 +45,8 @@ from pipeline.data.scoring import attribute_tokens, score_attributes
 from pipeline.errors import PipelineError
 from pipeline.interventions import ComponentSwap, DirectionAblation, dialect_directions, guise_caches, matched_positions, measure
 from pipeline.metrics import LINEAR_METRICS
-from pipeline.nulls import unit_index
 from pipeline.stages.data import GUISE_LOGPROBS
-from pipeline.stats import summarize
+from pipeline.stats import bootstrap_counts, summarize
 
 log = logging.getLogger(__name__)
 AAE_CLEAN = SimpleNamespace(clean="aae", corrupted="sae", name="aae_clean")  # the interventions' orientation
@@ -96,9 +95,7 @@ def separation(directions: dict[int, torch.Tensor]) -> list[int]:
 
 def bootstrap_ratio(base: np.ndarray, left: np.ndarray, units, n_boot: int, seed: int) -> tuple[float, float, float]:
     """1 - mean(left) / mean(base): the share of the score removed, with a 95% pair-bootstrap interval."""
-    inverse, n_units = unit_index(units)
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(n_boot)])[:, inverse]
+    counts = bootstrap_counts(len(base), n_boot, seed, units).numpy()
     b = counts @ base / counts.sum(1)
     l_ = counts @ left / counts.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
