@@ -198,7 +198,7 @@ def run(ctx) -> None:
         for k in log_sizes(len(all_heads), icfg.n_sizes, [size]):
             interventions[f"heads/top/{k}"] = ComponentSwap(ranked[:k], mode=str(icfg.mode))
             labels["heads"][f"heads/top/{k}"] = ("top", k)
-            for d in range(draws):
+            for d in range(draws if k < len(all_heads) else 0):  # every head: a random draw is the same set
                 pick = torch.randperm(len(all_heads), generator=g)[:k].tolist()
                 interventions[f"heads/random{d}/{k}"] = ComponentSwap([all_heads[i] for i in pick], mode=str(icfg.mode))
                 labels["heads"][f"heads/random{d}/{k}"] = (f"random{d}", k)
