@@ -77,14 +77,17 @@ def power_sentence(table: pd.DataFrame) -> dict:
             "sentence": text}
 
 
-def carriers(table: pd.DataFrame) -> list[str]:
+def carriers(table: pd.DataFrame) -> dict[str, list[str]]:
     """Features whose held-out score (or, without a split, whose score) excludes 0 on the side of
-    the pooled score: the features that carry it."""
+    the pooled score (`carry`: they carry it) and on the other side (`against`: they lean the
+    other way)."""
     side = "heldout" if (table.side == "heldout").any() else table.side.iloc[0]
     rows = table[(table.side == side) & (table.feature != "all")]
     pooled = table[(table.side == side) & (table.feature == "all")].score.iloc[0]
     sign = np.sign(pooled) or 1.0
-    return [r.feature for r in rows.itertuples() if (r.ci_low > 0 if sign > 0 else r.ci_high < 0)]
+    up = [r.feature for r in rows.itertuples() if r.ci_low > 0]
+    down = [r.feature for r in rows.itertuples() if r.ci_high < 0]
+    return {"carry": up if sign > 0 else down, "against": down if sign > 0 else up}
 
 
 __all__ = ["DETECTABLE", "power_table", "power_sentence", "pairs_to_see", "carriers", "per_pair_sd"]

@@ -139,7 +139,7 @@ def write_power(ctx, df: pd.DataFrame, assoc: np.ndarray, names: list[str], rate
     table = power_table(gap, units, df.get("feature"), df["split"], int(cfg.nulls.permutations),
                         int(cfg.nulls.bootstrap), int(cfg.seed))
     summary = power_sentence(table)
-    summary["carriers"] = carriers(table)
+    summary.update({f"features_{k}": v for k, v in carriers(table).items()})
     summary["metric"] = str(cfg.metric.name)
     write_table(ctx.tables / "power.csv", table)
     write_json(ctx.tables / "power.json", summary)

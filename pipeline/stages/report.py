@@ -391,7 +391,8 @@ def power_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
              finite(r.detectable, "{:.3f}"), finite(r.pairs_needed, "{:,.0f}")]
             for r in table.itertuples()]
     fig = run_dir / "figures" / "power_forest.html"
-    data = {"sentence": summary if summary.get("sentence") else {}, "carriers": summary.get("carriers", []), "rows": rows,
+    data = {"sentence": summary if summary.get("sentence") else {}, "carriers": summary.get("features_carry", []),
+            "against": summary.get("features_against", []), "rows": rows,
             "figure": figure(fig) if fig.exists() else None, "has_split": "heldout" in set(table.side)}
     return [Section("power", "Where the score is, and what the pairs can see", "report/power.html.j2", data, nav="Power")]
 
