@@ -74,6 +74,9 @@ def collect(node: yaml.MappingNode, prefix: str, lines: list[str], header_end: i
         row = key_node.start_mark.line
         if nested:
             value, rest = "", lines[row][key_node.end_mark.column:].lstrip()[1:]
+        elif getattr(value_node, "style", None) in ("|", ">"):  # a block scalar: its comment follows `|`
+            start = value_node.start_mark
+            value, rest = " ".join(value_node.value.split()), lines[start.line][start.column:].lstrip("|>+-0123456789")
         else:
             value = " ".join(value_node.start_mark.buffer[value_node.start_mark.index:value_node.end_mark.index].split())
             rest = lines[value_node.end_mark.line][value_node.end_mark.column:]
