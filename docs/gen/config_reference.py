@@ -31,7 +31,9 @@ def page() -> str:
     for option in opts[1:]:
         groups.setdefault(option.group, []).append(option)
     out = ["# Configuration", "",
-           "Generated from `conf/` when this site was built (`docs/gen/config_reference.py`, reading the "
+           "Hydra composes `conf/config.yaml` (the top-level `conf/` folder; an installed wheel carries it as "
+           "`pipeline/conf`) from one option of each config group (the folders). "
+           "This page is generated from `conf/` when this site was built (`docs/gen/config_reference.py`, reading the "
            "YAML files with `pipeline/confdocs.py`): every key with the value its file gives it and the "
            "comment beside or above it. Set any key on the command line (`dialect-circuits batch_size=32`), "
            "choose an option of a group with `group=option` (`model=gpt2-small`), add a group without a "
