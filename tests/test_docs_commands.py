@@ -15,12 +15,20 @@ import pytest
 from conftest import REPO, only_run_dir, run_cli
 
 PLACEHOLDERS = {"<gpu partition>": "gpu", "<date>": "2026-11-27", "<time>": "10-00-00", "<job>": "0",
-                "<run>": "outputs/2026-11-27/10-00-00", "<traits run>": "traits", "<overt run>": "overt"}
+                "<run>": "outputs/2026-11-27/10-00-00", "<traits run>": "traits", "<overt run>": "overt", "<covert run>": "covert"}
 SUBCOMMANDS = ("rerun", "compare", "verify")
 
 
 def doc_files() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    """The README, the docs' pages, and conf/ (the configuration reference shows each file's comments)."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "conf").rglob("*.yaml"))]
+
+
+def page_text(path: Path) -> str:
+    """A YAML file's comment lines as an indented block, like a page's code lines."""
+    if path.suffix != ".yaml":
+        return path.read_text()
+    return "\n".join("    " + line.strip().lstrip("#").strip() for line in path.read_text().splitlines() if line.strip().startswith("#"))
 
 
 def commands(text: str) -> list[str]:
@@ -29,7 +37,7 @@ def commands(text: str) -> list[str]:
     found, lines = [], text.splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
-        if stripped.startswith("dialect-circuits") and (line.startswith("    ") or line.startswith("dialect-circuits")):
+        if stripped.split()[:1] == ["dialect-circuits"] and (line.startswith("    ") or line.startswith("dialect-circuits")):
             while stripped.endswith("\\") and i + 1 < len(lines):
                 i += 1
                 stripped = stripped[:-1] + " " + lines[i].strip()
@@ -52,7 +60,7 @@ def argv_of(command: str) -> list[str]:
 def all_commands() -> list[tuple[str, str]]:
     seen, out = set(), []
     for path in doc_files():
-        for command in commands(path.read_text()):
+        for command in commands(page_text(path)):
             if command not in seen:
                 seen.add(command)
                 out.append((path.relative_to(REPO).as_posix(), command))
@@ -83,14 +91,22 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def compose():
-    """Hydra's compose API inside one initialized context (composing many configs in one context
-    is what keeps this file cheap): compose(overrides, return_hydra_config=False)."""
+    """Hydra's compose API inside one initialized context, each set of overrides composed once
+    (what keeps this file cheap): compose(config_name=..., overrides=..., return_hydra_config=...)."""
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import CONF_DIR
 
+    done = {}
+
+    def cached(config_name: str, overrides: list[str], return_hydra_config: bool = False):
+        key = (tuple(overrides), return_hydra_config)
+        if key not in done:
+            done[key] = compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+        return done[key]
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield compose
+        yield cached
 
 
 def check_composes(argv: list[str], compose) -> int:
@@ -124,8 +140,9 @@ def check_composes(argv: list[str], compose) -> int:
 
 def test_the_docs_have_commands_and_every_one_is_checked():
     found = all_commands()
-    pages = {path.relative_to(REPO).as_posix() for path in doc_files() if commands(path.read_text())}
-    assert len(found) > 50 and {"README.md", "docs/index.md", "docs/how-to/own-data.md", "docs/how-to/sweeps-and-slurm.md"} <= pages
+    pages = {path.relative_to(REPO).as_posix() for path in doc_files() if commands(page_text(path))}
+    assert len(found) > 50 and {"README.md", "docs/index.md", "docs/how-to/own-data.md", "docs/how-to/sweeps-and-slurm.md",
+                                "conf/experiment/full.yaml", "conf/hydra/launcher/slurm_gpu.yaml"} <= pages
     assert all(argv_of(c)[:1] != ["<"] for _, c in found)
 
 
