@@ -3,6 +3,8 @@ it): every group, every option with its description, every key with its value an
 
 from __future__ import annotations
 
+import html
+
 import mkdocs_gen_files
 
 from pipeline import confdocs
@@ -10,7 +12,13 @@ from pipeline.config import CONF_DIR
 
 
 def cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Table-cell text: pipes escaped, and <placeholders> shown rather than read as HTML."""
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def code(text: str) -> str:
+    """A value as inline HTML code (it may hold backticks and pipes)."""
+    return "<code>" + html.escape(text, quote=False).replace("|", "&#124;").replace("`", "&#96;") + "</code>"
 
 
 def key_table(option: confdocs.Option, shared: dict[str, str]) -> list[str]:
@@ -19,7 +27,7 @@ def key_table(option: confdocs.Option, shared: dict[str, str]) -> list[str]:
         if key.holds_keys:
             continue
         comment = key.comment or shared.get(key.path, "")
-        rows.append(f"| `{cell(key.path)}` | `{cell(key.value)}` | {cell(comment)} |")
+        rows.append(f"| {code(key.path)} | {code(key.value)} | {cell(comment)} |")
     return rows if len(rows) > 2 else ["(sets no keys)"]
 
 
