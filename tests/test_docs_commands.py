@@ -182,9 +182,9 @@ def test_a_broken_command_is_caught(tmp_path, monkeypatch, compose):
             check_composes(argv_of(bad), compose)
 
 
-def test_documented_commands_run_on_the_tiny_model(tmp_path):
-    """`stage=data` on the docs' own pair file, `verify` on its run, and `--cfg job`, as written
-    (with model=tiny added to the first)."""
+def test_documented_commands_run_on_the_tiny_model(tmp_path, monkeypatch, capsys):
+    """`stage=data` on the docs' own pair file (with model=tiny added), `verify` on its run (in this
+    process, through the function the command calls), and `--cfg job`, as written."""
     docs = (REPO / "docs" / "how-to" / "own-data.md").read_text()
     command = "dialect-circuits dataset.pairs=habitual.txt dataset.feature=habitual_be stage=data"
     assert command in [c for _, c in all_commands()]
@@ -195,10 +195,14 @@ def test_documented_commands_run_on_the_tiny_model(tmp_path):
     run = only_run_dir(tmp_path)
     assert (run / "tables" / "attribute_association.csv").exists()
 
-    verify = "dialect-circuits verify outputs/2026-11-27/10-00-00"
-    assert verify in [c for _, c in all_commands()]
-    done = run_cli(["verify", str(run.relative_to(tmp_path))], tmp_path)
-    assert done.returncode == 0 and "whole" in done.stdout + done.stderr, done.stdout + done.stderr
+    from pipeline import tools  # what the command runs for its first word `verify`
 
-    done = run_cli(["model=gpt2-small", "direction=sae_clean", "--cfg", "job"], tmp_path)
+    assert "dialect-circuits verify outputs/2026-11-27/10-00-00" in [c for _, c in all_commands()]
+    monkeypatch.chdir(tmp_path)
+    assert tools.main(["verify", str(run.relative_to(tmp_path))]) == 0
+    assert ": whole: the run is complete" in capsys.readouterr().out
+
+    command = "dialect-circuits model=gpt2-small direction=sae_clean --cfg job"
+    assert command in [c for _, c in all_commands()]
+    done = run_cli(argv_of(command), tmp_path)
     assert done.returncode == 0 and "name: gpt2\n" in done.stdout and "clean: sae" in done.stdout
