@@ -180,6 +180,7 @@ RULES = {
     "attribution.top_k_heads": (positive_int, POSITIVE),
     "attribution.bootstrap": (positive_int, POSITIVE),
     "patching.max_prompts": (optional_positive_int, f"null (every prompt) or {POSITIVE}"),
+    "patching.attribution_prompts": (optional_positive_int, f"null (every discovery prompt) or {POSITIVE}"),
     "patching.engine": (lambda v: v in ("fast", "reference"), "fast or reference"),
     "patching.bootstrap": (positive_int, POSITIVE),
     "patching.checkpoint_every": (positive_int, POSITIVE),
