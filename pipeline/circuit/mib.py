@@ -258,10 +258,14 @@ class Loaded:
     missing: int  # format edges the file does not list (taken as score 0, not in the circuit, as EAP-IG does)
 
 
-def write(path: Path, graph: Graph, d_model: int, scores: torch.Tensor, in_graph: torch.Tensor) -> None:
-    from pipeline.artifacts import write_json
+def write(path: Path, graph: Graph, d_model: int, scores: torch.Tensor, in_graph: torch.Tensor) -> bool:
+    """One line of JSON, as EAP-IG's to_json writes it (a graph of 10^5 edges, a few MB); False
+    (nothing written) for a graph the format cannot express."""
+    from pipeline.artifacts import write_atomic
 
-    write_json(path, Format.of(graph, d_model).to_json(graph, scores, in_graph))
+    if graph.inputs != "qkv":
+        return False
+    return bool(write_atomic(path, json.dumps(Format.of(graph, d_model).to_json(graph, scores, in_graph))))
 
 
 def load(path: str, graph: Graph, d_model: int) -> Loaded:
