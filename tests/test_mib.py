@@ -193,3 +193,17 @@ def test_a_runs_circuit_loaded_into_another_run_gives_the_same_mib_numbers(tmp_p
 
     page = build_report(tmp_path / "b")
     assert "MIB CPR (edge)" in page and "The loaded circuit" in page and "circuits/loaded.json" in page
+
+
+def test_ablation_overlap_is_the_shared_share_of_the_top_k_sets():
+    from pipeline.circuit.benchmark import overlap
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 1000, generator=g)
+    b = a + 0.5 * torch.randn(6, 1000, generator=g)
+    table = overlap({"patching": a, "mean": b}, 40, 0, None, chunk=7)
+    for row in table.itertuples():
+        top = [set(torch.argsort(x.mean(0).abs(), descending=True)[:row.top_k].tolist()) for x in (a, b)]
+        assert row.shared == pytest.approx(len(top[0] & top[1]) / row.top_k)
+        assert row.ci_low <= row.ci_high and row.random_expected == row.top_k / 1000
+    assert list(table.top_k) == [1, 2, 5, 10, 20, 50, 100, 200, 500]

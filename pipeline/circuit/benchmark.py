@@ -68,28 +68,32 @@ def evaluate_unique(model, pairs, circuits: torch.Tensor, metric: str, c, ablati
     return m[back]
 
 
-def overlap(per_prompt: dict[str, torch.Tensor], n_boot: int, seed: int, units) -> pd.DataFrame:
+def overlap(per_prompt: dict[str, torch.Tensor], n_boot: int, seed: int, units, chunk: int = 50) -> pd.DataFrame:
     """Shared share of the top-k edges (by |mean score|) of every two ablations at MIB's fractions
-    below 100%, with a pair-bootstrap interval, and k/N, the expected share of two random sets."""
+    below 100%, with a pair-bootstrap interval, and k/N, the expected share of two random sets.
+    Resamples are ranked `chunk` at a time ([chunk, n_edges] at once, not [n_boot, n_edges])."""
     names = list(per_prompt)
     n, n_edges = next(iter(per_prompt.values())).shape
-    ks = [k for k in mib.counts(n_edges) if 0 < k < n_edges]
+    ks = torch.tensor([k for k in mib.counts(n_edges) if 0 < k < n_edges])
     weights = torch.cat([torch.ones(1, n, dtype=torch.float64), bootstrap_counts(n, n_boot, seed, units)])
-
-    def ranks(scores):  # [1 + n_boot, n_edges]: each edge's rank by |weighted mean| in each resample
-        mean = (weights @ scores.double()) / weights.sum(-1, keepdim=True)
-        order = torch.argsort(mean.abs(), dim=-1, descending=True, stable=True)
-        return torch.empty_like(order).scatter_(1, order, torch.arange(n_edges).expand_as(order).contiguous())
-
-    r = {a: ranks(per_prompt[a]) for a in names}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    shared = torch.zeros(len(weights), len(pairs), len(ks))
+    for start in range(0, len(weights), chunk):
+        w = weights[start:start + chunk]
+        ranks = {}
+        for a in names:  # each edge's rank by |weighted mean| in each resample
+            mean = (w @ per_prompt[a].double()) / w.sum(-1, keepdim=True)
+            order = torch.argsort(mean.abs(), dim=-1, descending=True, stable=True)
+            ranks[a] = torch.empty_like(order).scatter_(1, order, torch.arange(n_edges).expand_as(order).contiguous())
+        for j, (a, b) in enumerate(pairs):
+            both = torch.maximum(ranks[a], ranks[b])  # an edge is in both top-k sets when both ranks are < k
+            shared[start:start + chunk, j] = (both[:, :, None] < ks).sum(1).float() / ks
     rows = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            for k in ks:
-                shared = ((r[a] < k) & (r[b] < k)).sum(-1).double() / k
-                lo, hi = np.percentile(shared[1:].numpy(), [2.5, 97.5])
-                rows.append({"ablation_a": a, "ablation_b": b, "fraction": k / n_edges, "top_k": k,
-                             "shared": float(shared[0]), "ci_low": float(lo), "ci_high": float(hi), "random_expected": k / n_edges})
+    for j, (a, b) in enumerate(pairs):
+        for i, k in enumerate(ks.tolist()):
+            lo, hi = np.percentile(shared[1:, j, i].numpy(), [2.5, 97.5])
+            rows.append({"ablation_a": a, "ablation_b": b, "fraction": k / n_edges, "top_k": k, "shared": float(shared[0, j, i]),
+                         "ci_low": float(lo), "ci_high": float(hi), "random_expected": k / n_edges})
     return pd.DataFrame(rows)
 
 
