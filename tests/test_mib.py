@@ -207,3 +207,10 @@ def test_ablation_overlap_is_the_shared_share_of_the_top_k_sets():
         assert row.shared == pytest.approx(len(top[0] & top[1]) / row.top_k)
         assert row.ci_low <= row.ci_high and row.random_expected == row.top_k / 1000
     assert list(table.top_k) == [1, 2, 5, 10, 20, 50, 100, 200, 500]
+
+
+def test_areas_of_many_curves_are_each_curves_areas():
+    curves = torch.rand(5, 10, generator=torch.Generator().manual_seed(0)).numpy()
+    cpr, cmd = mib.areas(curves)
+    one_by_one = [mib.areas(c) for c in curves]
+    assert list(cpr) == pytest.approx([a for a, _ in one_by_one]) and list(cmd) == pytest.approx([b for _, b in one_by_one])

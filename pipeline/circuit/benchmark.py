@@ -41,7 +41,7 @@ def curve(m_circuits: torch.Tensor, m_full: torch.Tensor, m_empty: torch.Tensor,
     boot = _faith(bootstrap_counts(n, n_boot, seed, units), m_circuits, m_full, m_empty).numpy()
     boot = boot[np.isfinite(boot).all(1)]
     cpr, cmd = mib.areas(point)
-    b_areas = np.array([mib.areas(row) for row in boot]) if len(boot) else np.full((1, 2), np.nan)
+    b_areas = np.stack(mib.areas(boot), -1) if len(boot) else np.full((1, 2), np.nan)
     lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0) if len(boot) else (point * np.nan, point * np.nan)
     (cpr_lo, cmd_lo), (cpr_hi, cmd_hi) = np.nanpercentile(b_areas, [2.5, 97.5], axis=0)
     return {"faithfulness": point, "ci_low": lo, "ci_high": hi, "cpr": cpr, "cpr_ci": (float(cpr_lo), float(cpr_hi)),

@@ -133,11 +133,14 @@ def prune(graph: Graph, circuit: torch.Tensor) -> torch.Tensor:
     return circuit & (reached[up] > 0) & ((reads @ live)[down] > 0)
 
 
-def areas(faith) -> tuple[float, float]:
-    """(CPR, CMD) of faithfulness at the ten FRACTIONS, as MIB's evaluate_area_under_curve."""
+def areas(faith):
+    """(CPR, CMD) of faithfulness at the ten FRACTIONS, as MIB's evaluate_area_under_curve; floats
+    for one curve [10], arrays for curves [..., 10]."""
     f = np.asarray(faith, dtype=float)
-    x = np.asarray(FRACTIONS)
-    return float(np.sum(np.diff(x) * (f[:-1] + f[1:]) / 2)), float(np.sum(np.diff(x) * (np.abs(1 - f[:-1]) + np.abs(1 - f[1:])) / 2))
+    dx = np.diff(np.asarray(FRACTIONS))
+    cpr = (dx * (f[..., :-1] + f[..., 1:]) / 2).sum(-1)
+    cmd = (dx * (np.abs(1 - f[..., :-1]) + np.abs(1 - f[..., 1:])) / 2).sum(-1)
+    return (float(cpr), float(cmd)) if f.ndim == 1 else (cpr, cmd)
 
 
 def circuits(graph: Graph, scores: torch.Tensor, ranking: str) -> torch.Tensor:
