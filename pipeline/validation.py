@@ -212,6 +212,7 @@ RULES = {
     "circuit.mib.rankings": (lambda v: isinstance(v, list) and v and set(v) <= {"absolute", "signed"},
                              "a list of absolute and signed, e.g. [absolute,signed]"),
     "circuit.mib.eval_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every evaluation prompt), 0 (none) or a positive integer"),
+    "circuit.mib.overlap_bootstrap": (positive_int, POSITIVE),
     "circuit.mib.heldout_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every held-out prompt), 0 (none) or a positive integer"),
 }
 

@@ -164,7 +164,7 @@ def run(ctx, model, graph, method: str, scores: torch.Tensor, sides: dict, ablat
                                                           ablation=made[ablation_name], desc=f"EAP scores ({ablation_name})")
             log.info("EAP scores under %s ablation on %d prompts in %.1f s", ablation_name, len(score_pairs),
                      time.perf_counter() - started)
-        overlap_table = overlap(per_prompt, n_boot, seed, score_units)
+        overlap_table = overlap(per_prompt, int(c.mib.overlap_bootstrap), seed, score_units)
         write_table(ctx.tables / "circuit_ablation_overlap.csv", overlap_table)
 
     out = {"method": method, "rankings": rankings, "ablations": ablations, "fractions": list(mib.FRACTIONS),
