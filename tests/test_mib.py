@@ -214,3 +214,11 @@ def test_areas_of_many_curves_are_each_curves_areas():
     cpr, cmd = mib.areas(curves)
     one_by_one = [mib.areas(c) for c in curves]
     assert list(cpr) == pytest.approx([a for a, _ in one_by_one]) and list(cmd) == pytest.approx([b for _, b in one_by_one])
+
+
+def test_gpt2_small_has_the_edge_count_of_mibs_published_circuit():
+    # MIB's circuits/ioi-eap-ig.json (hannamw/MIB-circuit-track, written by EAP-IG for GPT-2 small)
+    # has 32,491 edges; the graph of that shape, without a model, gives the same names.
+    graph = Graph(12, 12, 12)
+    assert len(format_edges(12, 12, False)) == 32491 == graph.n_edges
+    assert set(mib.Format.of(graph, 768).names) == format_edges(12, 12, False)
