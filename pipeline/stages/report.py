@@ -48,6 +48,11 @@ CAPTIONS = {
                              "with 95% intervals: red bars are more likely after AAE, blue bars after SAE. Grey: "
                              "the 95% band of the same mean when the guises of random pairs are swapped (no dialect "
                              "effect); * marks attributes significant after Benjamini-Hochberg.",
+    "power_forest": "The AAE - SAE score of the run's metric per dialect feature (the pooled score at the bottom), on the "
+                    "discovery side (green) and the held-out side (purple) of the split, each with its 95% pair-bootstrap "
+                    "interval; the grey bar is the 95% band of the same score when the guises of random pairs are swapped "
+                    "(no dialect effect). Hover a point for its pairs, the per-pair spread, the smallest detectable score "
+                    "and the pairs it would take to detect this score.",
     "baseline_metric": "One point per prompt: the metric in the clean and the corrupted run, by dialect "
                        "feature; the gap between the two is what the dialect changes, and what patching restores.",
     "stereotype_agreement": "Left: how well the model's ranking of attributes by AAE association picks out the traits "
@@ -125,7 +130,7 @@ FIGURE_GROUPS = [
 PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution patching", "Other figures"]
 
 # Figures shown in the dataset and baseline sections rather than among the others.
-SHOWN_EARLIER = {"attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
+SHOWN_EARLIER = {"power_forest", "attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
 # Figures shown in the circuit section.
 CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching", "circuit_mib")
 
@@ -361,13 +366,38 @@ def headline_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]
         scores = pd.read_csv(path)
         labels = {"one_token": "one-token attributes (the mechanistic stages' metric)",
                   "chain_rule": "every rated attribute (chain rule)"}
-        versions = [[labels.get(r.score, r.score), int(r.n_attributes), float(r.score_value), f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
+        versions = [[labels.get(r.score, r.score), int(r.n_attributes), int(r.n_pairs), float(r.score_value), f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
                      f"[{r.null_low:+.3f}, {r.null_high:+.3f}]", float(r.p_perm), float(r.sd_per_pair)] for r in scores.itertuples()]
         if "pair_pearson_r" in scores:
             agreement = {"r": float(scores.pair_pearson_r.iloc[0]), "sign": float(scores.pair_sign_agreement.iloc[0])}
     data = {"name": name, "metric": metric, "metric_text": METRIC_TEXT.get(metric, ""), "row": row, "pairs_needed": needed,
             "versions": versions, "agreement": agreement, "rated": metric in ("favorability", "prestige")}
     return [Section("headline", "Headline: " + name, "report/headline.html.j2", data, nav="Headline")]
+
+
+def power_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """The score per dialect feature on each side of the split, and whether the held-out side can
+    see the discovery side's score (pipeline/power.py): the first thing on the page."""
+    path = run_dir / "tables" / "power.csv"
+    if not path.exists():
+        return []
+    table = pd.read_csv(path, dtype={"side": str, "feature": str})
+    summary = read_json(run_dir / "tables" / "power.json") if (run_dir / "tables" / "power.json").exists() else {}
+    names = {"discovery": "discovery", "heldout": "held-out", "all": "every prompt"}
+
+    def finite(v, text="{}"):  # a pair count of one has no spread: "-"
+        return text.format(v) if is_number(v) and np.isfinite(v) else "-"
+
+    rows = [[names.get(r.side, r.side), "all features" if r.feature == "all" else r.feature, int(r.n_pairs), int(r.n_prompts),
+             float(r.score), finite(r.ci_low, "[{:+.3f}") + finite(r.ci_high, ", {:+.3f}]"),
+             f"[{r.null_low:+.3f}, {r.null_high:+.3f}]", float(r.p_perm), finite(r.sd_per_pair, "{:.3f}"),
+             finite(r.detectable, "{:.3f}"), finite(r.pairs_needed, "{:,.0f}")]
+            for r in table.itertuples()]
+    fig = run_dir / "figures" / "power_forest.html"
+    data = {"sentence": summary if summary.get("sentence") else {}, "carriers": summary.get("features_carry", []),
+            "against": summary.get("features_against", []), "rows": rows,
+            "figure": figure(fig) if fig.exists() else None, "has_split": "heldout" in set(table.side)}
+    return [Section("power", "Where the score is, and what the pairs can see", "report/power.html.j2", data, nav="Power")]
 
 
 def stereotypes_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
@@ -588,7 +618,7 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
 
 
 # The page's sections in order; each returns [] when the run holds nothing for it.
-SECTIONS = [headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
+SECTIONS = [power_section, headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
             figure_sections, circuit_section, mib_section, intervene_section, files_section]
 
 
