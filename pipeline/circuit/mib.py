@@ -193,9 +193,6 @@ class Format:
                "d_model": int(d_model)}
         return cls(names, torch.tensor(ours), torch.tensor(share, dtype=torch.float64), cfg)
 
-    def node_names(self, graph: Graph) -> list[str]:
-        return [*graph.up_names, "logits"]
-
     def to_json(self, graph: Graph, scores: torch.Tensor, in_graph: torch.Tensor) -> dict:
         """The format's dict of one scored graph with one circuit marked (nodes: in the graph when
         an edge of the circuit starts or ends there; the logits always, as EAP-IG writes them)."""
