@@ -19,6 +19,11 @@ What this matches (read in hannamw/MIB-circuit-track `MIB_circuit_track/evaluati
 - MIB's leaderboard (`print_results.py`) quotes CPR from circuits ranked by the signed score and
   CMD from circuits ranked by |score| where both were run; `circuit.mib.rankings` chooses which.
 
+Scores keep MIB's sign: its attribution runs EAP-IG on the loss -logit_diff with (corrupted - clean)
+activations, i.e. (clean - corrupted) . grad(metric), this project's convention (positive: the edge
+carries the clean behaviour), so `signed` ranks alike. Scales differ (MIB sums batch means; this
+writes the mean over the scored prompts), which no ranking sees.
+
 The format (EAP-IG `Graph.to_json` / `from_json`): {"cfg": {n_layers, n_heads, parallel_attn_mlp,
 d_model}, "nodes": {name: {"in_graph": bool}}, "edges": {name: {"score": float, "in_graph": bool}}}.
 Upstream names are this project's (`input`, `a3.h1`, `m5`); an edge into a head's query, key or
