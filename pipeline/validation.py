@@ -215,6 +215,14 @@ RULES = {
     "circuit.batch_size": (positive_int, POSITIVE),
     "circuit.rows_per_run": (positive_int, POSITIVE),
     "circuit.checkpoint_every": (positive_int, POSITIVE),
+    "circuit.load": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or the path of a circuit JSON file"),
+    "circuit.ablation": (lambda v: isinstance(v, list) and v and set(v) <= {"patching", "mean", "zero", "mean_positional"},
+                         "a list of patching, mean, zero and mean_positional, e.g. [patching,mean]"),
+    "circuit.mib.rankings": (lambda v: isinstance(v, list) and v and set(v) <= {"absolute", "signed"},
+                             "a list of absolute and signed, e.g. [absolute,signed]"),
+    "circuit.mib.eval_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every evaluation prompt), 0 (none) or a positive integer"),
+    "circuit.mib.overlap_bootstrap": (positive_int, POSITIVE),
+    "circuit.mib.heldout_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every held-out prompt), 0 (none) or a positive integer"),
 }
 
 
@@ -278,6 +286,8 @@ def check_config(cfg) -> None:
                "metric=favorability, prestige or logit_diff for stage=patching (stage=circuit takes prob_diff and kl_div)")
     if "circuit" in stages and metric == "kl_div" and cfg.circuit.method == "eap":
         refuse("config", "circuit.method=eap cannot use metric=kl_div (its gradient at the clean run is zero)", "circuit.method=eap_ig")
+    if "circuit" in stages and cfg.circuit.get("load"):
+        check_circuit_file(str(cfg.circuit.load))
     if "patching" in stages:
         from pipeline.patching.sweeps import SWEEPS
 
@@ -285,6 +295,25 @@ def check_config(cfg) -> None:
         for name in sweeps:
             if name not in SWEEPS:
                 refuse("config", f"patching.sweeps names an unknown sweep {name!r}", f"any of {', '.join(SWEEPS)}")
+
+
+def check_circuit_file(path: str) -> None:
+    """circuit.load before any model runs: a readable JSON object with the format's three keys
+    (its edges are checked against the model's graph by pipeline/circuit/mib.py)."""
+    import json
+
+    accepted = "an EAP-IG / MIB circuit JSON with the keys cfg, nodes and edges (circuits/<method>.json of a run)"
+    where = f"circuit.load={path}"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        refuse(where, "no such file", accepted)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        refuse(where, f"is not JSON ({one_line(err)})", accepted)
+    missing = [k for k in ("cfg", "nodes", "edges") if not isinstance(d, dict) or k not in d]
+    if missing:
+        refuse(where, f"lacks the key{'s' * (len(missing) > 1)} {', '.join(missing)}", accepted)
 
 
 # ---------------------------------------------------------------- a dataset CSV

@@ -8,6 +8,12 @@
 3. Scores against exact single-edge patching on the top `circuit.edge_check.top` edges and
    `circuit.edge_check.random` others: Pearson r and top-k overlap per method.
 4. Path patching (pipeline/circuit/path_patching.py): sender heads -> `circuit.path_patching.receivers`.
+5. MIB's yardstick (pipeline/circuit/benchmark.py): the main scores' circuits at MIB's ten edge
+   fractions, pruned, under each ablation of `circuit.ablation`, on `circuit.mib.eval_prompts`
+   discovery and `circuit.mib.heldout_prompts` held-out prompts; the top edges found under each
+   ablation compared. Every scored graph is written as circuits/<method>.json in the EAP-IG / MIB
+   format (pipeline/circuit/mib.py), and `circuit.load=<file.json>` evaluates a given one instead
+   of discovering a circuit (method `loaded`).
 Each long part is checkpointed under tensors/.partial/, so a killed run resumes where it stopped.
 """
 
@@ -22,14 +28,15 @@ import torch
 
 from pipeline import figures
 from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
-from pipeline.circuit import edges
+from pipeline.circuit import benchmark, edges, mib
+from pipeline.circuit.ablation import check_ablations
 from pipeline.circuit.faithfulness import curve_summary, edge_counts, random_circuits, size_grid, top_circuits
 from pipeline.circuit.graph import Graph, edge_hooks
 from pipeline.circuit.path_patching import path_patch
 from pipeline.circuit import plots
 from pipeline.metrics import LINEAR_METRICS, check_metric
 from pipeline.stages.patching import PartCheckpoint
-from pipeline.stats import summary_table
+from pipeline.stats import summary_table, units_of
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +52,10 @@ def run(ctx) -> None:
     c = cfg.circuit
     metric = check_metric(str(cfg.metric.name))
     edges.check_method(str(c.method), metric)
-    methods = [str(c.method)]
+    ablations = check_ablations(c.ablation)
+    methods = ["loaded"] if c.load else [str(c.method)]
     other = "eap" if c.method == "eap_ig" else "eap_ig"
-    if c.compare_methods and not (other == "eap" and metric == "kl_div"):
+    if c.compare_methods and not c.load and not (other == "eap" and metric == "kl_div"):
         methods.append(other)
     n_score = prompt_count(c.score_prompts, len(pairs_all))
     n_eval = min(prompt_count(c.eval_prompts, len(pairs_all)), n_score)
@@ -60,8 +68,16 @@ def run(ctx) -> None:
         log.info("circuit graph: %s", graph.summary())
         score_pairs, eval_pairs = pairs_all.head(n_score), pairs_all.head(n_eval)
 
-        scores = {}
-        for method in methods:
+        scores, loaded = {}, None
+        if c.load:  # a given circuit: its file's scores stand in for a discovery (one row)
+            loaded = mib.load(str(c.load), graph, int(model.cfg.d_model))
+            log.info("circuit.load=%s: %d edges in its circuit, %d scored%s", c.load, int(loaded.in_graph.sum()),
+                     int((loaded.scores != 0).sum()), f"; {loaded.merged} grouped key/value edges taken whole" if loaded.merged else "")
+            scores["loaded"] = loaded.scores[None].clone()
+            write_tensors(ctx.tensors / "circuit_scores_loaded.safetensors", {"per_prompt": scores["loaded"], "mean": loaded.scores,
+                                                                              "in_graph": loaded.in_graph},
+                          metadata={"axes": "[1, edge]", "method": "loaded", "file": str(c.load), "graph": graph.summary()})
+        for method in methods if loaded is None else []:
             ck = PartCheckpoint(partial / f"circuit_scores_{method}.safetensors", every)
             done, values = ck.load()
             started = time.perf_counter()
@@ -114,6 +130,19 @@ def run(ctx) -> None:
                           metadata={"axes": "[circuit, prompt]", "metric": metric, "prompts": "held-out"})
             ck.remove()
 
+        sides = {}  # MIB's yardstick on discovery and held-out prompts
+        n_mib = min(prompt_count(c.mib.eval_prompts, n_eval), n_eval) if c.mib.eval_prompts != 0 else 0
+        n_mib_held = prompt_count(c.mib.heldout_prompts, len(ctx.heldout)) if len(ctx.heldout) and c.mib.heldout_prompts else 0
+        if n_mib:
+            sides["discovery"] = (pairs_all.head(n_mib), units_of(ctx.discovery_dataset, n_mib))
+        if n_mib_held:
+            held_dataset = ctx.dataset.iloc[ctx.side_rows("heldout")].reset_index(drop=True)
+            sides["heldout"] = (ctx.heldout.head(n_mib_held), units_of(held_dataset, n_mib_held))
+        if sides:
+            benchmark.run(ctx, model, graph, methods[0], scores[methods[0]].mean(0), sides, ablations, score_pairs,
+                          units_of(ctx.discovery_dataset, n_score), scores["eap"] if "eap" in scores else None,
+                          loaded.in_graph if loaded is not None else None, metric)
+
         pp = None
         if c.path_patching.enabled:
             n_pp = prompt_count(c.path_patching.prompts, n_eval)
@@ -127,7 +156,7 @@ def run(ctx) -> None:
             pp = (pp, pp_anchors.gap)
 
     write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric,
-                  heldout, n_heldout)
+                  heldout, n_heldout, loaded)
 
 
 def edge_sample(scores: torch.Tensor, top: int, n_random: int, seed: int) -> torch.Tensor:
@@ -153,7 +182,7 @@ def agreement(exact: np.ndarray, approx: np.ndarray, k: int) -> dict:
 
 
 def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric,
-                  heldout=None, n_heldout=0) -> None:
+                  heldout=None, n_heldout=0, loaded=None) -> None:
     cfg, c = ctx.cfg, ctx.cfg.circuit
     n_boot, seed = int(c.bootstrap), int(cfg.seed)
     names = graph.edge_names()
@@ -164,7 +193,8 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     order = torch.argsort(scores[main].mean(0).abs(), descending=True)[: int(c.top_edges)]
     keys = pd.DataFrame({"score_rank": np.arange(1, len(order) + 1), "edge": [names[i] for i in order.tolist()],
                          "upstream": [graph.up_names[int(up[i])] for i in order], "downstream": [graph.down_names[int(down[i])] for i in order]})
-    features = list(ctx.discovery_dataset["feature"][:n_score]) if "feature" in ctx.discovery_dataset else None
+    one_row = scores[main].shape[0] != n_score  # a loaded circuit's scores: one row, no prompts
+    features = list(ctx.discovery_dataset["feature"][:n_score]) if "feature" in ctx.discovery_dataset and not one_row else None
     table = summary_table(scores[main][:, order].T, keys, features, n_boot, seed)
     table.insert(4, "method", main)
     write_table(ctx.tables / "circuit_edges.csv", table)
@@ -209,7 +239,15 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     summary["empty_vs_corrupted"] = empty_gap(ctx, empty, metric, n_eval)
     best = max(methods, key=lambda k: curves[k]["cpr"])
     summary["winner"] = best
+    if loaded is not None:
+        summary["loaded"] = {"file": str(c.load), "in_graph": int(loaded.in_graph.sum()), "merged": loaded.merged,
+                             "missing": loaded.missing}
     write_json(ctx.tables / "circuit_summary.json", summary)
+    for method in methods:  # every scored graph in the EAP-IG / MIB format, the circuit the report quotes marked
+        size = curves[method]["size_at_0.8"] or fractions[-1]
+        quoted = loaded.in_graph if loaded is not None else top_circuits(scores[method].mean(0), edge_counts([size], graph.n_edges))[0]
+        if not mib.write(ctx.tables.parent / "circuits" / f"{method}.json", graph, int(ctx.model.cfg.d_model), scores[method].mean(0), quoted):
+            log.info("circuits/%s.json not written: the EAP-IG / MIB format has no merged block inputs", method)
     for prompts, family in (("discovery", curves), ("held-out", curves_heldout)):
         for k, v in family.items():
             log.info("circuit %s on %s prompts: CPR %.3f [%.3f, %.3f], CMD %.3f [%.3f, %.3f], faithfulness >= 0.8 at %s of edges",

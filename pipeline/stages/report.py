@@ -96,6 +96,9 @@ CAPTIONS = {
                             "bootstrap intervals over prompts.",
     "circuit_graph": "The circuit drawn by layer: input on the left, logits on the right, heads by row (MLPs on top). "
                      "Red edges push the metric toward the clean answer, blue against it; thicker = larger score.",
+    "circuit_mib": "Faithfulness at MIB's ten edge fractions, the circuits pruned to the edges on input-to-logits paths, "
+                   "under each ablation (colour); CPR and CMD in the legend are MIB's trapezoids over the linear fraction "
+                   "(the x axis is drawn on a log scale); bands are 95% pair-bootstrap intervals.",
     "circuit_edge_agreement": "Each edge's score (EAP, EAP-IG) against the exact effect of corrupting that one edge: "
                               "points on the diagonal mean the cheap score can be trusted for that edge.",
     "intervention_dose_response": "Top: the held-out score left after removing the top components found on discovery "
@@ -129,7 +132,7 @@ PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution pa
 # Figures shown in the dataset and baseline sections rather than among the others.
 SHOWN_EARLIER = {"power_forest", "attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
 # Figures shown in the circuit section.
-CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching")
+CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching", "circuit_mib")
 
 # Frame size for a figure page whose size cannot be read from it (circuitsvis, autosized plotly):
 # circuitsvis widgets grow downwards as one hovers, so the frame is tall.
@@ -477,6 +480,36 @@ def circuit_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     return [Section("circuit", "Circuit", "report/circuit.html.j2", data)]
 
 
+def mib_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """MIB's yardstick (tables/circuit_mib.json, pipeline/circuit/benchmark.py): CPR and CMD per
+    ablation and prompt side beside random circuits, faithfulness at the ten fractions, the
+    overlap of the top edges found under each ablation, and the exported files."""
+    path = run_dir / "tables" / "circuit_mib.json"
+    if not path.exists():
+        return []
+    s = read_json(path)
+    ci = lambda lo_hi: f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"  # noqa: E731
+    curves = [r for r in s["results"] if "cpr" in r]
+    areas = [[r["ablation"], r["prompts"], r["n_prompts"], r["circuit"], r["cpr"], ci(r["cpr_ci"]), r["cmd"], ci(r["cmd_ci"])]
+             for r in curves]
+    table = pd.read_csv(run_dir / "tables" / "circuit_mib.csv")
+    points = []
+    for (ablation, prompts, circuit), t in table.groupby(["ablation", "prompts", "circuit"], sort=False):
+        points.append([ablation, prompts, circuit, *(f"{r.faithfulness:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" for r in t.itertuples())])
+    quoted = [[r["ablation"], r["prompts"], r["circuit"], r["edges"], r["faithfulness"], ci(r["ci"])]
+              for r in s["results"] if "cpr" not in r]
+    overlap = [[r["ablation_a"], r["ablation_b"], f"{100 * r['fraction']:.3g}%", r["top_k"], r["shared"], ci((r["ci_low"], r["ci_high"])),
+                r["random_expected"]] for r in s.get("overlap", [])]
+    summary_path = run_dir / "tables" / "circuit_summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    files = sorted(p.name for p in (run_dir / "circuits").glob("*.json")) if (run_dir / "circuits").is_dir() else []
+    data = {"s": s, "areas": areas, "points": points, "fractions": [f"{100 * f:g}%" for f in s["fractions"]],
+            "quoted": quoted, "overlap": overlap, "files": files, "loaded": summary.get("loaded"),
+            "grouped": "key/value heads" in summary.get("graph", ""),
+            "figures": [figure(run_dir / "figures" / "circuit_mib.html")] if (run_dir / "figures" / "circuit_mib.html").exists() else []}
+    return [Section("circuit-mib", "Circuit on MIB's yardstick", "report/circuit_mib.html.j2", data, nav="MIB")]
+
+
 def intervene_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     """Does removing it remove the prejudice? The intervene stage's numbers, the dose-response
     figure, and whether the circuit generalizes to held-out prompts."""
@@ -586,7 +619,7 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
 
 # The page's sections in order; each returns [] when the run holds nothing for it.
 SECTIONS = [power_section, headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
-            figure_sections, circuit_section, intervene_section, files_section]
+            figure_sections, circuit_section, mib_section, intervene_section, files_section]
 
 
 # ---------------------------------------------------------------- the page
