@@ -206,6 +206,7 @@ RULES = {
     "circuit.heldout_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every held-out prompt), 0 (none) or a positive integer"),
     "circuit.smallest": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a fraction in (0, 1]"),
     "circuit.n_sizes": (positive_int, POSITIVE),
+    "circuit.random_draws": (positive_int, POSITIVE),
     "circuit.edge_check.top": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
     "circuit.edge_check.random": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
     "circuit.path_patching.receivers": (lambda v: v == "logits" or (isinstance(v, list) and v and all(isinstance(r, str) for r in v)),
