@@ -22,14 +22,14 @@ import torch
 
 from pipeline import figures
 from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
-from pipeline.circuit import edges
+from pipeline.circuit import edges, features, view
 from pipeline.circuit.faithfulness import curve_summary, edge_counts, random_circuits, size_grid, top_circuits
 from pipeline.circuit.graph import Graph, edge_hooks
 from pipeline.circuit.path_patching import path_patch
 from pipeline.circuit import plots
 from pipeline.metrics import LINEAR_METRICS, check_metric
 from pipeline.stages.patching import PartCheckpoint
-from pipeline.stats import summary_table
+from pipeline.stats import summary_table, units_of
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ def run(ctx) -> None:
             write_tensors(ctx.tensors / "circuit_eval_heldout.safetensors", {**heldout, "fractions": torch.tensor(fractions)},
                           metadata={"axes": "[circuit, prompt]", "metric": metric, "prompts": "held-out"})
             ck.remove()
+
+        if c.features.enabled:  # one circuit per dialect feature (pipeline/circuit/features.py)
+            features.run(ctx, graph, metric, scores, units_of(ctx.discovery_dataset, n_score))
 
         pp = None
         if c.path_patching.enabled:
@@ -227,10 +230,11 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     write_figure(ctx.figures / "circuit_edge_agreement.html", figures.scatter_agreement(
         points, f"Edge scores against exact single-edge patching ({n_eval} prompts)",
         f"exact: m(full) - m(full without the edge), {metric}", "edge score (EAP, EAP-IG)"))
-    size = curves[main]["size_at_0.8"] or fractions[-1]
-    k_draw = min(max(1, int(round(size * graph.n_edges))), int(c.draw_max_edges))
-    write_figure(ctx.figures / "circuit_graph.html", plots.circuit_graph(
-        graph, scores[main].mean(0), k_draw, f"Circuit: top {k_draw} edges by |{main} score| ({cfg.direction.name})"))
+    k_draw = min(int(c.draw_max_edges), graph.n_edges)
+    write_figure(ctx.figures / "circuit_graph.html", view.circuit_view(
+        graph, scores[main].mean(0), counts, k_draw, int(c.view.max_edges), f"Circuit by |{main} score| ({cfg.direction.name})"))
+    write_table(ctx.tables / "circuit_paths.csv", view.strongest_paths(
+        graph, scores[main], k_draw, int(c.view.paths), units_of(ctx.discovery_dataset, n_score), n_boot, seed))
     if pp is not None:
         normalized, gap = pp
         effect = normalized * gap
