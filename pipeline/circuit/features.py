@@ -38,9 +38,9 @@ POOLED = "pooled"
 RANDOM = "random"
 
 
-def spread_rows(features: list[str], pair_ids: list | None, n: int) -> dict[str, list[int]]:
-    """For each feature (sorted), the first `n` of its rows in dataset order, taking one row of
-    every pair before a second of any pair, so that the pair bootstrap has pairs to resample."""
+def spread_rows(features: list[str], pair_ids: list | None, n: int | None) -> dict[str, list[int]]:
+    """For each feature (sorted), the first `n` of its rows (None: all) in dataset order, taking one
+    row of every pair before a second of any pair, so that the pair bootstrap has pairs to resample."""
     out = {}
     for feature in sorted(set(features)):
         rows = [i for i, f in enumerate(features) if f == feature]
@@ -50,7 +50,7 @@ def spread_rows(features: list[str], pair_ids: list | None, n: int) -> dict[str,
             key = pair_ids[i] if pair_ids is not None else i
             rank[i] = seen.get(key, 0)
             seen[key] = rank[i] + 1
-        out[feature] = sorted(rows, key=lambda i: (rank[i], i))[:max(0, int(n))]
+        out[feature] = sorted(rows, key=lambda i: (rank[i], i))[:None if n is None else max(0, int(n))]
     return out
 
 
@@ -59,16 +59,26 @@ def pair_ids(dataset: pd.DataFrame) -> list | None:
 
 
 def faithfulness_interval(m_circuit: torch.Tensor, m_full: torch.Tensor, m_empty: torch.Tensor, units, n_boot: int,
-                          seed: int) -> tuple[float, float, float]:
-    """Faithfulness of the prompt means and its 95% pair-bootstrap interval ([n_prompts] each)."""
+                          seed: int) -> tuple[float, float, float, np.ndarray]:
+    """Faithfulness of the prompt means, its 95% pair-bootstrap interval and its value on each
+    resample ([n_prompts] each; NaN where a resample's full and empty circuits agree)."""
     x = torch.stack([m_circuit, m_full, m_empty]).double()
     point = x.mean(-1)
     weights = bootstrap_counts(x.shape[-1], n_boot, seed, units)
     means = (x @ weights.T) / weights.sum(1).clamp(min=1)  # [3, n_boot]
     boot = ((means[0] - means[2]) / (means[1] - means[2])).numpy()
-    boot = boot[np.isfinite(boot)]
-    low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
-    return float((point[0] - point[2]) / (point[1] - point[2])), float(low), float(high)
+    finite = boot[np.isfinite(boot)]
+    low, high = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
+    return float((point[0] - point[2]) / (point[1] - point[2])), float(low), float(high), np.where(np.isfinite(boot), boot, np.nan)
+
+
+def mean_interval(point: list[float], boot: list[np.ndarray]) -> dict:
+    """The mean of several estimates and its 95% interval from their resamples (one row each)."""
+    if not point:
+        return {"mean": None, "ci_low": None, "ci_high": None}
+    means = np.nanmean(np.vstack(boot), axis=0)
+    low, high = np.nanpercentile(means, [2.5, 97.5])
+    return {"mean": float(np.mean(point)), "ci_low": float(low), "ci_high": float(high)}
 
 
 def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: list | None) -> None:
@@ -87,7 +97,7 @@ def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: l
     bs, rows_per_run, every = int(ctx.cfg.circuit.batch_size), int(ctx.cfg.circuit.rows_per_run), int(ctx.cfg.circuit.checkpoint_every)
 
     units_all = pair_ids(data)
-    chosen = spread_rows(list(data["feature"]), units_all, int(c.score_prompts))
+    chosen = spread_rows(list(data["feature"]), units_all, c.score_prompts)
     names = list(chosen)
     rows = [i for f in names for i in chosen[f]]
     ck = PartCheckpoint(partial / "circuit_feature_scores.safetensors", every)
@@ -112,15 +122,16 @@ def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: l
     if method in pooled:
         compared[POOLED] = pooled[method]
         units[POOLED] = score_units
-    overlap = pd.DataFrame(overlaps(compared, units, k, n_boot, seed))
+    rows_overlap, boot_overlap = overlaps(compared, units, k, n_boot, seed)
+    overlap = pd.DataFrame(rows_overlap)
     write_table(ctx.tables / "circuit_feature_overlap.csv", overlap)
 
     circuits = {f: top_circuits(s.mean(0), [k])[0] for f, s in compared.items()}
-    transfer, seconds_eval, n_held = pd.DataFrame(), 0.0, 0
+    transfer, boot_transfer, seconds_eval, n_held = pd.DataFrame(), {}, 0.0, 0
     held_data = ctx.dataset.iloc[ctx.side_rows("heldout")].reset_index(drop=True)
-    if int(c.heldout_prompts) > 0 and len(held_data) and "feature" in held_data:
+    if (c.heldout_prompts is None or int(c.heldout_prompts) > 0) and len(held_data) and "feature" in held_data:
         held_units = pair_ids(held_data)
-        held = {f: r for f, r in spread_rows(list(held_data["feature"]), held_units, int(c.heldout_prompts)).items() if r}
+        held = {f: r for f, r in spread_rows(list(held_data["feature"]), held_units, c.heldout_prompts).items() if r}
         held_rows = [i for f in held for i in held[f]]
         n_held = len(held_rows)
         draws = random_circuits(graph.n_edges, [k] * int(c.random_draws), seed)
@@ -137,61 +148,66 @@ def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: l
                       metadata={"axes": "[circuit, prompt]", "circuits": ",".join(["full", "empty", *circuits, *[RANDOM] * len(draws)]),
                                 "rows": "held-out rows", "metric": metric})
         ck.remove()
-        transfer = transfer_table(m, list(circuits), held, held_rows, held_units, n_boot, seed)
+        transfer, boot_transfer = transfer_table(m, list(circuits), held, held_rows, held_units, n_boot, seed)
         write_table(ctx.tables / "circuit_feature_transfer.csv", transfer)
 
     null = overlap.iloc[0][["null_mean", "null_low", "null_high"]].to_dict() if len(overlap) else {}
-    between = overlap[(overlap.a != POOLED) & (overlap.b != POOLED)]
+    between = ((overlap.a != POOLED) & (overlap.b != POOLED)).to_numpy() if len(overlap) else np.zeros(0, dtype=bool)
     summary = {"method": method, "metric": metric, "features": names, "score_prompts": {f: len(r) for f, r in chosen.items()},
                "heldout_prompts": n_held, "fraction": float(c.fraction), "edges": k, "n_edges": graph.n_edges,
                "random_draws": int(c.random_draws), "pooled": POOLED in compared,
-               "mean_overlap_between_features": float(between.overlap.mean()) if len(between) else None,
+               "overlap_between_features": mean_interval(list(overlap.overlap[between]), list(boot_overlap[between])),
                **{k_: float(v) for k_, v in null.items()},
                "seconds": {"scores": round(seconds_scores, 1), "evaluation": round(seconds_eval, 1)}}
     if len(transfer):
-        own = transfer[transfer.circuit == transfer.prompts]
-        other = transfer[(transfer.circuit != transfer.prompts) & transfer.circuit.isin(per_feature)]
-        summary["faithfulness_own_feature"] = float(own.faithfulness.mean())
-        summary["faithfulness_other_features"] = float(other.faithfulness.mean())
-        summary["faithfulness_random"] = float(transfer[transfer.circuit == RANDOM].faithfulness.mean())
+        for key, pick in (("own_feature", transfer.circuit == transfer.prompts),
+                          ("other_features", (transfer.circuit != transfer.prompts) & transfer.circuit.isin(per_feature)),
+                          ("pooled", transfer.circuit == POOLED), ("random", transfer.circuit == RANDOM)):
+            chosen_rows = transfer[pick]
+            summary[f"faithfulness_{key}"] = mean_interval(
+                list(chosen_rows.faithfulness), [boot_transfer[(r.circuit, r.prompts)] for r in chosen_rows.itertuples()])
     write_json(ctx.tables / "circuit_features.json", summary)
-    write_figure(ctx.figures / "circuit_features.html", matrix_figure(overlap, transfer, summary))
+    title = (f"One circuit or one per feature? {method.upper().replace('_', '-')} scores on {min(map(len, chosen.values()))}-"
+             f"{max(map(len, chosen.values()))} discovery prompts per feature; circuits of {k} edges ({100 * float(c.fraction):.2g}%)")
+    write_figure(ctx.figures / "circuit_features.html", matrix_figure(overlap, transfer, k, null, title))
 
 
 def transfer_table(m: torch.Tensor, names: list[str], held: dict[str, list[int]], held_rows: list[int], units,
-                   n_boot: int, seed: int) -> pd.DataFrame:
+                   n_boot: int, seed: int) -> tuple[pd.DataFrame, dict]:
     """Faithfulness of every circuit (and of the random draws' mean metric) on every feature's
-    held-out prompts, with pair-bootstrap intervals."""
+    held-out prompts, with pair-bootstrap intervals, and each one's resamples by (circuit, feature):
+    every circuit on one feature's prompts sees the same resamples."""
     full, empty, named = m[0], m[1], m[2:2 + len(names)]
     random_mean = m[2 + len(names):].mean(0) if m.shape[0] > 2 + len(names) else None
     position = {r: j for j, r in enumerate(held_rows)}
-    out = []
-    for f, rows in held.items():
+    out, boots = [], {}
+    for j, (f, rows) in enumerate(held.items()):
         cols = torch.tensor([position[r] for r in rows])
         u = [units[r] for r in rows] if units else None
         for name, values in [*zip(names, named), *([(RANDOM, random_mean)] if random_mean is not None else [])]:
-            faith, low, high = faithfulness_interval(values[cols], full[cols], empty[cols], u, n_boot, seed)
+            faith, low, high, boots[(name, f)] = faithfulness_interval(values[cols], full[cols], empty[cols], u, n_boot, seed + j)
             out.append({"circuit": name, "prompts": f, "n_prompts": len(rows), "n_pairs": len(set(u)) if u else len(rows),
                         "faithfulness": faith, "ci_low": low, "ci_high": high,
                         "m_full": float(full[cols].mean()), "m_empty": float(empty[cols].mean())})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out), boots
 
 
-def matrix_figure(overlap: pd.DataFrame, transfer: pd.DataFrame, s: dict) -> go.Figure:
-    """Left: overlap of top edges for every pair of circuits; right: each circuit's faithfulness on
-    each feature's held-out prompts. Cells say the value and its 95% interval."""
-    names = list(dict.fromkeys([*overlap.a, *overlap.b])) if len(overlap) else list(s["features"])
-    size = {n: i for i, n in enumerate(names)}
+def matrix_figure(overlap: pd.DataFrame, transfer: pd.DataFrame, k: int, null: dict, title: str) -> go.Figure:
+    """Left: overlap of top edges for every pair of circuits (`null`: of two random circuits of k
+    edges); right: each circuit's faithfulness on each prompt set. Cells say the value and its 95%
+    interval."""
+    names = list(dict.fromkeys([*overlap.a, *overlap.b]))
+    index = {n: i for i, n in enumerate(names)}
     z = np.eye(len(names))
     text = [["" if i != j else "1" for j in range(len(names))] for i in range(len(names))]
     for r in overlap.itertuples():
-        i, j = size[r.a], size[r.b]
+        i, j = index[r.a], index[r.b]
         z[i, j] = z[j, i] = r.overlap
         text[i][j] = text[j][i] = f"{r.overlap:.2f}<br>[{r.ci_low:.2f}, {r.ci_high:.2f}]"
     cols = 2 if len(transfer) else 1
     fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14, subplot_titles=[
-        f"overlap of the top {s['edges']} edges (random: {s.get('null_mean', float('nan')):.3f} "
-        f"[{s.get('null_low', float('nan')):.3f}, {s.get('null_high', float('nan')):.3f}])",
+        f"overlap of the top {k} edges (random: {null.get('null_mean', float('nan')):.3f} "
+        f"[{null.get('null_low', float('nan')):.3f}, {null.get('null_high', float('nan')):.3f}])",
         *(["faithfulness on held-out prompts"] if cols == 2 else [])])
     fig.add_trace(go.Heatmap(z=z, x=names, y=names, text=text, texttemplate="%{text}", colorscale="Greys", zmin=0, zmax=1,
                              colorbar={"x": 0.42 if cols == 2 else 1.0, "len": 0.8, "title": "overlap"},
@@ -202,17 +218,14 @@ def matrix_figure(overlap: pd.DataFrame, transfer: pd.DataFrame, s: dict) -> go.
         grid = transfer.pivot(index="circuit", columns="prompts", values="faithfulness").loc[circuits, prompts]
         cell = {(r.circuit, r.prompts): f"{r.faithfulness:.2f}<br>[{r.ci_low:.2f}, {r.ci_high:.2f}]" for r in transfer.itertuples()}
         fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=prompts, y=circuits, text=[[cell[(c, p)] for p in prompts] for c in circuits],
-                                 texttemplate="%{text}", colorscale="RdBu", zmid=1.0, zmin=-1, zmax=3,
-                                 colorbar={"title": "faithfulness"},
+                                 texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+                                 colorbar={"title": "faithfulness<br>(0 to 1)"},
                                  hovertemplate="circuit %{y} on %{x} prompts: %{text}<extra></extra>"), 1, 2)
         fig.update_xaxes(title_text="held-out prompts of", row=1, col=2)
         fig.update_yaxes(title_text="circuit of", autorange="reversed", row=1, col=2)
     fig.update_yaxes(autorange="reversed", row=1, col=1)
     n = len(names)
-    fig.update_layout(title=f"One circuit or one per feature? {s['method'].upper().replace('_', '-')} scores on "
-                            f"{min(s['score_prompts'].values())}-{max(s['score_prompts'].values())} discovery prompts per "
-                            f"feature; circuits of {s['edges']} edges ({100 * s['fraction']:.2g}%)",
-                      width=1300 if cols == 2 else 700, height=max(450, 60 * n + 200), template="plotly_white")
+    fig.update_layout(title=title, width=1300 if cols == 2 else 700, height=max(450, 60 * n + 200), template="plotly_white")
     return fig
 
 
