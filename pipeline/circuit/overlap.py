@@ -43,22 +43,24 @@ def random_band(n_edges: int, k: int, draws: int, seed: int) -> dict:
     return {"null_mean": k / n_edges, "null_low": float(low), "null_high": float(high)}
 
 
-def overlaps(scores: dict[str, torch.Tensor], units: dict[str, list | None], k: int, n_boot: int, seed: int) -> list[dict]:
+def overlaps(scores: dict[str, torch.Tensor], units: dict[str, list | None], k: int, n_boot: int,
+             seed: int) -> tuple[list[dict], np.ndarray]:
     """One row per pair of circuits (a, b), a before b in `scores` order: the overlap of their top-k
     edges, its 95% pair-bootstrap interval and the random-circuit null. `scores` maps a name to its
     per-prompt edge scores [n_prompts, n_edges]; `units` to each prompt's pair id (None: prompts
-    are independent)."""
+    are independent). Also each pair's overlap on every resample, [n_pairs, n_boot]."""
     names = list(scores)
     n_edges = next(iter(scores.values())).shape[-1]
     k = max(1, min(int(k), n_edges))
     point = {n: top_k(s.float().mean(0), k)[None] for n, s in scores.items()}
     boot = {n: boot_top_k(s, units.get(n), k, n_boot, seed + i) for i, (n, s) in enumerate(scores.items())}
     null = random_band(n_edges, k, n_boot, seed)
-    rows = []
+    rows, resampled = [], []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             values = shared(boot[a], boot[b], n_edges).double().numpy() / k
+            resampled.append(values)
             low, high = np.percentile(values, [2.5, 97.5])
             rows.append({"a": a, "b": b, "edges": k, "overlap": float(shared(point[a], point[b], n_edges)[0]) / k,
                          "ci_low": float(low), "ci_high": float(high), **null})
-    return rows
+    return rows, np.array(resampled).reshape(len(rows), -1)
