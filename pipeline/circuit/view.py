@@ -39,7 +39,7 @@ from pipeline.circuit.graph import Graph
 from pipeline.stats import bootstrap_counts
 
 POSITIVE, NEGATIVE = "#d62728", "#1f77b4"
-ROW_PX = 36  # pixels per layer: a row of heads and the MLP half a row above, each with its labels
+ROW_PX = 36  # pixels per layer: a row of heads and the MLP half a row above (labels 15 px tall beside their nodes)
 WIDTH = 900
 MARGIN = {"l": 40, "r": 40, "t": 80, "b": 130}
 
@@ -188,7 +188,7 @@ def step_traces(graph: Graph, table: pd.DataFrame, attribution: dict[str, float]
     biggest = max(abs(attribution.get(n, 0.0)) for n in nodes) or 1.0
     traces.append(go.Scatter(
         x=[xy[n][0] for n in nodes], y=[xy[n][1] for n in nodes], mode="markers+text", text=nodes, name="nodes",
-        textposition="top center", textfont={"size": font}, cliponaxis=False, showlegend=False,
+        textposition="middle right", textfont={"size": font}, cliponaxis=False, showlegend=False,
         marker={"size": [5 + 11 * np.sqrt(abs(attribution.get(n, 0.0)) / biggest) for n in nodes], "color": "#333",
                 "line": {"width": 1, "color": "white"}},
         hovertext=[text[n] for n in nodes], hoverinfo="text"))
@@ -213,7 +213,7 @@ def circuit_view(graph: Graph, scores: torch.Tensor, counts: list[int], default:
     widest = max(max(pd.Series([row_of(n) for n in set(t.source) | set(t.target)]).value_counts()) for t in tables.values())
     longest = max(len(n) for t in tables.values() for n in set(t.source) | set(t.target))
     slot = (WIDTH - MARGIN["l"] - MARGIN["r"]) / max(widest, 1)
-    font = int(max(6, min(11, (slot - 6) / (0.62 * longest))))  # a label fits its slot
+    font = int(max(6, min(11, (slot - 20) / (0.62 * longest))))  # a label and two node radii fit a slot
     fig = go.Figure()
     owner = []
     for k in sizes:
