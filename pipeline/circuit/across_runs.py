@@ -23,6 +23,7 @@ from pipeline.artifacts import read_tensors, read_yaml
 from pipeline.circuit.faithfulness import random_circuits, top_circuits
 from pipeline.circuit.features import faithfulness_interval, matrix_figure, pair_ids
 from pipeline.circuit.overlap import overlaps
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 FRACTION = 0.01
@@ -75,7 +76,10 @@ def transfer(runs, circuits: dict[str, torch.Tensor], k: int, n_prompts: int, n_
     from pipeline.runner import RunContext
 
     contexts = [RunContext(cfg, run.path) for cfg, run in zip(configs, runs)]
-    model = contexts[0].model
+    try:
+        model = contexts[0].model
+    except (PipelineError, OSError) as err:
+        return pd.DataFrame(), f"the model could not be loaded here ({err})"
     for ctx in contexts[1:]:
         ctx.__dict__["model"] = model  # the same model: load it once
     names = list(circuits)
