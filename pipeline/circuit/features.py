@@ -205,12 +205,12 @@ def matrix_figure(overlap: pd.DataFrame, transfer: pd.DataFrame, k: int, null: d
         z[i, j] = z[j, i] = r.overlap
         text[i][j] = text[j][i] = f"{r.overlap:.2f}<br>[{r.ci_low:.2f}, {r.ci_high:.2f}]"
     cols = 2 if len(transfer) else 1
-    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.14, subplot_titles=[
+    fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.22, subplot_titles=[
         f"overlap of the top {k} edges (random: {null.get('null_mean', float('nan')):.3f} "
         f"[{null.get('null_low', float('nan')):.3f}, {null.get('null_high', float('nan')):.3f}])",
         *(["faithfulness on held-out prompts"] if cols == 2 else [])])
     fig.add_trace(go.Heatmap(z=z, x=names, y=names, text=text, texttemplate="%{text}", colorscale="Greys", zmin=0, zmax=1,
-                             colorbar={"x": 0.42 if cols == 2 else 1.0, "len": 0.8, "title": "overlap"},
+                             colorbar={"x": 0.39 if cols == 2 else 1.0, "len": 0.8, "title": "overlap"},
                              hovertemplate="%{y} and %{x}: %{text}<extra></extra>"), 1, 1)
     if cols == 2:
         circuits = list(dict.fromkeys(transfer.circuit))

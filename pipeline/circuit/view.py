@@ -223,7 +223,7 @@ def circuit_view(graph: Graph, scores: torch.Tensor, counts: list[int], default:
             owner.append(k)
     steps = []
     for k in sizes:
-        steps.append({"method": "update", "label": f"{k} ({100 * k / graph.n_edges:.2g}%)",
+        steps.append({"method": "update", "label": f"{k} ({100 * k / graph.n_edges:.3g}%)",
                       "args": [{"visible": [o == k for o in owner]}, {"title.text": heading(title, k)}]})
     active = sizes.index(min(default, graph.n_edges))
     fig.update_layout(
