@@ -8,6 +8,9 @@
 3. Scores against exact single-edge patching on the top `circuit.edge_check.top` edges and
    `circuit.edge_check.random` others: Pearson r and top-k overlap per method.
 4. Path patching (pipeline/circuit/path_patching.py): sender heads -> `circuit.path_patching.receivers`.
+5. One circuit per dialect feature (pipeline/circuit/features.py, `circuit.features`): their overlap
+   and each one's faithfulness on every feature's held-out prompts.
+6. The circuit view and its strongest paths (pipeline/circuit/view.py, `circuit.view`).
 Each long part is checkpointed under tensors/.partial/, so a killed run resumes where it stopped.
 """
 
