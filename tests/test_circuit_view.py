@@ -48,6 +48,8 @@ def test_grouped_key_value_edges_continue_through_their_query_heads():
         scores[edge_index(graph, name)] = s
     paths = view.strongest_paths(graph, scores[None], 2, 5, None, 10, 0)
     assert list(paths.path) == ["input -> a0.kv1.k [a0.h3] -> logits"]
+    none = view.strongest_paths(graph, scores[None], 1, 5, None, 10, 0)  # input -> a0.kv1.k alone reaches no logits
+    assert len(none) == 0 and list(none.columns) == view.PATH_COLUMNS
 
 
 def crossings(table: pd.DataFrame, xy: dict) -> int:

@@ -237,6 +237,9 @@ def circuit_view(graph: Graph, scores: torch.Tensor, counts: list[int], default:
     return fig
 
 
+PATH_COLUMNS = ["rank", "path", "edges", "weakest_abs_score", "ci_low", "ci_high", "sum_of_scores", "signs"]
+
+
 def path_text(path) -> str:
     """`input -> a3.h1.q -> m5 -> logits`; where a path leaves a key/value head or a merged block
     input through one of its readers, that reader in brackets: `a3.kv0.k [a3.h1]`."""
@@ -285,4 +288,4 @@ def strongest_paths(graph: Graph, per_prompt: torch.Tensor, k: int, n_paths: int
                      "weakest_abs_score": width, "ci_low": float(low), "ci_high": float(high),
                      "sum_of_scores": float(sum(r.score for r in path)),
                      "signs": "".join("+" if r.score > 0 else "-" for r in path)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PATH_COLUMNS)
