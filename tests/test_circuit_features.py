@@ -19,6 +19,7 @@ from pipeline.circuit.features import faithfulness_interval, spread_rows
 from pipeline.circuit.overlap import overlaps, random_band
 from pipeline.artifacts import write_json, write_table
 from pipeline.circuit.across_runs import across_runs
+from pipeline.compare import compare
 from pipeline.data.splits import assign_split
 from pipeline.runner import RunContext
 from pipeline.stages import circuit as circuit_stage
@@ -106,20 +107,22 @@ def test_feature_circuits_in_the_stage_the_report_and_across_runs(tmp_path, tiny
 
     paths = pd.read_csv(tables / "circuit_paths.csv")
     assert len(paths) and paths.path.str.startswith("input -> ").all() and paths.path.str.endswith("logits").all()
-    assert (paths.weakest_abs_score.diff().dropna() <= 1e-12).all()  # best first
+    assert (paths.share.diff().dropna() <= 1e-15).all() and paths.share.sum() <= 1 + 1e-9  # best first; shares of one flow
     page = (run_dir / "report.html").read_text()
     assert "One circuit or one per feature?" in page and "Strongest input-to-logits paths" in page
     assert 'src="figures/circuit_features.html"' in page and 'src="figures/circuit_graph.html"' in page
 
-    # Across runs: the other direction's circuit on these prompts and this one's on its prompts.
+    # Across runs (`compare`): the other direction's circuit on these prompts and this one's on its prompts.
     other = circuit_run(tmp_path / "sae", tiny_model, ["direction=sae_clean"])
-    runs = [SimpleNamespace(path=p, label=p.name, manifest=json.loads((p / "manifest.json").read_text())) for p in (run_dir, other)]
-    across = across_runs(runs, n_prompts=2, n_boot=50)
-    assert len(across["overlap"]) == 1 and across["k"] == 11  # the fraction of the per-feature circuits: 10% of 110 edges
-    table = across["transfer"].set_index(["circuit", "prompts"])
-    assert len(table) == 3 * 2 and not across["why_not"]  # aae, sae and random circuits on each run's prompts
+    out = compare([str(run_dir), str(other)], str(tmp_path / "cmp"), False, circuit_prompts=2)
+    page = (out / "comparison.html").read_text()
+    assert "Do the runs find the same circuit?" in page and "not evaluated" not in page
+    overlap_runs = pd.read_csv(out / "tables" / "compare_circuit_overlap.csv")
+    assert len(overlap_runs) == 1 and (overlap_runs.edges == 11).all()  # the per-feature circuits' 10% of 110 edges
+    table = pd.read_csv(out / "tables" / "compare_circuit_transfer.csv").set_index(["circuit", "prompts"])
+    assert len(table) == 3 * 2  # the aae_clean, sae_clean and random circuits on each run's held-out prompts
     s = json.loads((tables / "circuit_summary.json").read_text())
-    assert np.isclose(table.loc[("aae", "aae"), "m_full"], s["m_full_heldout"], atol=1e-5)  # the same prompts and model
-    assert np.isclose(table.loc[("aae", "aae"), "m_empty"], s["m_empty_heldout"], atol=1e-5)
-    runs[1].manifest["model"] = {"name": "another"}
+    assert np.isclose(table.loc[("aae_clean", "aae_clean"), "m_full"], s["m_full_heldout"], atol=1e-5)  # same prompts, model
+    assert np.isclose(table.loc[("aae_clean", "aae_clean"), "m_empty"], s["m_empty_heldout"], atol=1e-5)
+    runs = [SimpleNamespace(path=p, label=p.name, manifest={"model": {"name": p.name}}) for p in (run_dir, other)]
     assert across_runs(runs, 2, 50)["why_not"].startswith("the runs' models differ")

@@ -23,7 +23,7 @@ def edge_index(graph: Graph, name: str) -> int:
     return graph.edge_names().index(name)
 
 
-def test_strongest_paths_rank_by_the_weakest_edge():
+def test_strongest_paths_rank_by_their_share_of_the_logits():
     graph = Graph(2, 2, 2)  # input, a0.h0, a0.h1, m0, a1.h0, a1.h1, m1, logits
     scores = torch.zeros(graph.n_edges)
     # input -> a0.h0 -> logits: weakest 0.5; input -> m0 -> a1.h1 (k) -> logits: weakest 0.3;
@@ -31,13 +31,22 @@ def test_strongest_paths_rank_by_the_weakest_edge():
     for name, s in (("input->a0.h0.q", 0.5), ("a0.h0->logits", -2.0), ("input->m0", 0.4), ("m0->a1.h1.k", -0.3),
                     ("a1.h1->logits", 1.0), ("input->logits", 0.2), ("a0.h1->logits", 0.9)):
         scores[edge_index(graph, name)] = s
-    per_prompt = torch.stack([scores * 0.5, scores * 1.5])  # mean: scores
+    noise = torch.zeros(graph.n_edges)
+    noise[edge_index(graph, "a0.h0->logits")], noise[edge_index(graph, "input->logits")] = 0.5, 0.1
+    per_prompt = torch.stack([scores + noise, scores - noise])  # mean: scores; the prompts' shares differ
     paths = view.strongest_paths(graph, per_prompt, k=7, n_paths=10, units=None, n_boot=50, seed=0)
     assert list(paths.path) == ["input -> a0.h0.q -> logits", "input -> m0 -> a1.h1.k -> logits", "input -> logits"]
+    # The logits' inputs total 4.1 (2.0 + 1.0 + 0.2 + 0.9); each node on the first two paths has one
+    # input edge, so it passes its whole share on. a0.h1 has no input: its 0.9 reaches no path.
+    assert np.allclose(paths.share, [2.0 / 4.1, 1.0 / 4.1, 0.2 / 4.1])
     assert np.allclose(paths.weakest_abs_score, [0.5, 0.3, 0.2])
     assert np.allclose(paths.sum_of_scores, [-1.5, 1.1, 0.2]) and list(paths.signs) == ["+-", "+-+", "+"]
-    assert (paths.ci_low <= paths.weakest_abs_score).all() and (paths.weakest_abs_score <= paths.ci_high).all()
-    assert (paths.ci_high > paths.ci_low).all()  # the two prompts differ, so the resamples do
+    assert (paths.ci_low <= paths.share + 1e-12).all() and (paths.share <= paths.ci_high + 1e-12).all()
+    assert (paths.ci_high > paths.ci_low).all()  # the two prompts' scores differ in ratio, so the shares do
+    assert list(paths.in_drawn_circuit) == [2, 3, 1]
+    # Paths run through the whole graph; the circuit drawn (here the top 2 edges) only counts theirs.
+    drawn_2 = view.strongest_paths(graph, per_prompt, k=2, n_paths=10, units=None, n_boot=50, seed=0)
+    assert list(drawn_2.path) == list(paths.path) and list(drawn_2.in_drawn_circuit) == [1, 1, 0]
 
 
 def test_grouped_key_value_edges_continue_through_their_query_heads():
@@ -48,7 +57,8 @@ def test_grouped_key_value_edges_continue_through_their_query_heads():
         scores[edge_index(graph, name)] = s
     paths = view.strongest_paths(graph, scores[None], 2, 5, None, 10, 0)
     assert list(paths.path) == ["input -> a0.kv1.k [a0.h3] -> logits"]
-    none = view.strongest_paths(graph, scores[None], 1, 5, None, 10, 0)  # input -> a0.kv1.k alone reaches no logits
+    scores[edge_index(graph, "input->a0.kv1.k")] = 0.0
+    none = view.strongest_paths(graph, scores[None], 2, 5, None, 10, 0)  # no edge leaves the input
     assert len(none) == 0 and list(none.columns) == view.PATH_COLUMNS
 
 

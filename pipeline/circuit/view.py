@@ -18,11 +18,15 @@ The slider runs over the circuit stage's sizes up to `circuit.view.max_edges` ed
 `circuit.draw_max_edges` (selected at first); each size has its own layout. Hovering a node lists
 its inputs and outputs in the circuit with their scores.
 
-Paths: a path runs from `input` to `logits` through the circuit's edges, continuing from an edge's
-head (or the heads of its key/value group) or MLP. It is ranked by its weakest edge, min |score|
-along it: a path carries no more of the effect than its weakest edge does, the number stays in the
-metric's units, and it does not favour short or long paths as a sum (more edges, larger) or a product
-(more edges, smaller, and in squared or cubed metric units) would.
+Paths: a path runs from `input` to `logits` through the whole graph, continuing from an edge's head
+(or the heads of its key/value group) or MLP. It is ranked by the share of the logits' |score| that
+flows along it, as circuit-tracer traces influence through an attribution graph: the logits' share
+is split over the edges into them in proportion to |score|, and each node passes its share on to
+its inputs (a head's q, k and v) in proportion to their total |score| and then over each input's
+edges in proportion to |score|. A path's share is the product along it; the shares of all paths
+sum to at most 1. Unlike the raw scores' product (in powers of the metric's units) or sum (larger
+for longer paths), a share is unitless and says how much of the effect a route carries. It is a
+bookkeeping of first-order scores, not a measured effect of patching the path.
 """
 
 from __future__ import annotations
@@ -237,55 +241,89 @@ def circuit_view(graph: Graph, scores: torch.Tensor, counts: list[int], default:
     return fig
 
 
-PATH_COLUMNS = ["rank", "path", "edges", "weakest_abs_score", "ci_low", "ci_high", "sum_of_scores", "signs"]
+PATH_COLUMNS = ["rank", "path", "edges", "in_drawn_circuit", "share", "ci_low", "ci_high", "weakest_abs_score", "sum_of_scores",
+                "signs"]
 
 
-def path_text(path) -> str:
-    """`input -> a3.h1.q -> m5 -> logits`; where a path leaves a key/value head or a merged block
-    input through one of its readers, that reader in brackets: `a3.kv0.k [a3.h1]`."""
+def path_text(graph: Graph, path) -> str:
+    """`input -> a3.h1.q -> m5 -> logits` from (edge, next node) steps; where a path leaves a
+    key/value head or a merged block input through one of its readers, that reader in brackets:
+    `a3.kv0.k [a3.h1]`."""
+    _, down = graph.edges
     parts = ["input"]
-    for r, nxt in zip(path, [*path[1:], None]):
-        parts.append(r.input if nxt is None or view_node(r.input) == nxt.source else f"{r.input} [{nxt.source}]")
+    for e, r in path:
+        name = graph.down_names[int(down[e])]
+        parts.append(name if r == -1 or view_node(name) == graph.up_names[r] else f"{name} [{graph.up_names[r]}]")
     return " -> ".join(parts)
 
 
+def input_totals(graph: Graph, magnitude: torch.Tensor) -> torch.Tensor:
+    """[..., n_down]: the sum of |score| over the edges into each downstream input."""
+    _, down = graph.edges
+    out = torch.zeros(*magnitude.shape[:-1], graph.n_down, dtype=magnitude.dtype)
+    return out.index_add_(-1, down, magnitude)
+
+
+def path_shares(graph: Graph, magnitude: torch.Tensor, totals: torch.Tensor, feeds: list[list[int]], path) -> torch.Tensor:
+    """[...] the share of the logits' |score| that flows along `path` ((edge, node) steps from the
+    input), for edge magnitudes [..., n_edges] and their input_totals (module docstring)."""
+    _, down = graph.edges
+    share = torch.ones(magnitude.shape[:-1], dtype=magnitude.dtype)
+    for e, r in path:
+        d = int(down[e])
+        reader = feeds[r] if r != -1 else [graph.down_logits]
+        share = share * totals[..., d] / totals[..., reader].sum(-1) * magnitude[..., e] / totals[..., d]
+    return share.nan_to_num(0.0)  # 0 / 0: a resample in which no edge reaches an input passes nothing on
+
+
 def strongest_paths(graph: Graph, per_prompt: torch.Tensor, k: int, n_paths: int, units, n_boot: int, seed: int,
-                    max_pops: int = 200_000) -> pd.DataFrame:
-    """The n_paths input-to-logits paths through the top-k circuit of largest weakest-edge |mean
-    score| (module docstring), best first, with the path's score on each pair-bootstrap resample
-    of the prompts (the weakest |mean score| of its edges there) giving a 95% interval."""
+                    max_pops: int = 100_000) -> pd.DataFrame:
+    """The n_paths input-to-logits paths of the whole graph that carry the largest share of the
+    logits' |score| (module docstring), best first, each with how many of its edges the top-k
+    circuit has and its share on each pair-bootstrap resample of the prompts (a 95% interval).
+    Best-first search from the logits back to the input: a share only shrinks as a path grows, so
+    paths reach the input in order of their share."""
     scores = per_prompt.float().mean(0)
-    table = circuit_edges(graph, scores, k)
-    out_of: dict[str, list] = {}
-    for r in table.itertuples():
-        out_of.setdefault(r.source, []).append(r)
-    found, heap, pops = [], [(-float("inf"), 0, "input", ())], 0
-    counter = 1
+    magnitude = scores.abs().double()
+    up, down = graph.edges
+    index = {name: i for i, name in enumerate(graph.up_names)}
+    feeds: list[list[int]] = [[] for _ in range(graph.n_up)]  # the downstream inputs each node reads
+    for d, name in enumerate(graph.down_names):
+        for r in readers(graph, name):
+            feeds[index[r]].append(d)
+    into: list[list] = [[] for _ in range(graph.n_down)]
+    for e, (u, d, m) in enumerate(zip(up.tolist(), down.tolist(), magnitude.tolist())):
+        if m > 0:
+            into[d].append((e, u, m))
+    totals = input_totals(graph, magnitude).tolist()
+    # A node's share of what it passes on is split over its inputs by their totals, then over each
+    # input's edges by their |score|; the logits read one input.
+    heap, found, pops, counter = [(-1.0, 0, -1, ())], [], 0, 1
     while heap and len(found) < n_paths and pops < max_pops:
-        neg, _, node, path = heapq.heappop(heap)
+        negative, _, node, path = heapq.heappop(heap)
         pops += 1
-        for r in out_of.get(node, []):
-            width = min(-neg, abs(r.score))
-            step = (*path, r)
-            if r.input == "logits":
-                heapq.heappush(heap, (-width, counter, "END", step))
-            else:
-                for nxt in readers(graph, r.input):
-                    if nxt in out_of or nxt == "logits":
-                        heapq.heappush(heap, (-width, counter, nxt, step))
-                        counter += 1
-            counter += 1
-        if node == "END":
-            found.append((-neg, path))
+        if node == 0:  # the input: a whole path
+            found.append((-negative, path))
+            continue
+        inputs = [graph.down_logits] if node == -1 else feeds[node]
+        whole = sum(totals[d] for d in inputs)
+        for d in inputs:
+            for e, u, m in into[d]:
+                share = -negative * m / whole
+                if share > 0:
+                    heapq.heappush(heap, (-share, counter, u, ((e, node), *path)))
+                    counter += 1
+    drawn = set(torch.argsort(scores.abs(), descending=True, stable=True)[:k].tolist())
     weights = bootstrap_counts(per_prompt.shape[0], n_boot, seed, units).float()
     weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
+    resampled = torch.cat([(w @ per_prompt.float()).abs().double() for w in torch.split(weights, 50)]) if found else None
+    resampled_totals = input_totals(graph, resampled) if found else None
     rows = []
-    for rank, (width, path) in enumerate(found, 1):
-        idx = torch.tensor([r.edge for r in path])
-        boot = (weights @ per_prompt[:, idx].float()).abs().min(1).values.numpy()
-        low, high = np.percentile(boot, [2.5, 97.5])
-        rows.append({"rank": rank, "path": path_text(path), "edges": len(path),
-                     "weakest_abs_score": width, "ci_low": float(low), "ci_high": float(high),
-                     "sum_of_scores": float(sum(r.score for r in path)),
-                     "signs": "".join("+" if r.score > 0 else "-" for r in path)})
+    for rank, (share, path) in enumerate(found, 1):
+        idx = [e for e, _ in path]
+        low, high = np.percentile(path_shares(graph, resampled, resampled_totals, feeds, path).numpy(), [2.5, 97.5])
+        rows.append({"rank": rank, "path": path_text(graph, path), "edges": len(path),
+                     "in_drawn_circuit": len(drawn & set(idx)), "share": share, "ci_low": float(low), "ci_high": float(high),
+                     "weakest_abs_score": float(scores[idx].abs().min()), "sum_of_scores": float(scores[idx].sum()),
+                     "signs": "".join("+" if scores[e] > 0 else "-" for e in idx)})
     return pd.DataFrame(rows, columns=PATH_COLUMNS)

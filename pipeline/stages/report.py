@@ -461,7 +461,8 @@ def circuit_extras(run_dir: Path) -> dict:
 
     path = run_dir / "tables" / "circuit_paths.csv"
     paths = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    rows = [[r.path, r.weakest_abs_score, f"[{r.ci_low:.3g}, {r.ci_high:.3g}]", r.sum_of_scores] for r in paths.itertuples()]
+    rows = [[r.path, r.share, f"[{r.ci_low:.3g}, {r.ci_high:.3g}]", f"{r.in_drawn_circuit}/{r.edges}", r.weakest_abs_score,
+             r.sum_of_scores] for r in paths.itertuples()]
     return {"paths": rows if path.exists() else None, "features": section_data(run_dir)}
 
 
