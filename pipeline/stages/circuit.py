@@ -15,6 +15,9 @@
    ablation compared. Every scored graph is written as circuits/<method>.json in the EAP-IG / MIB
    format (pipeline/circuit/mib.py), and `circuit.load=<file.json>` evaluates a given one instead
    of discovering a circuit (method `loaded`).
+6. One circuit per dialect feature (pipeline/circuit/features.py, `circuit.features`): their overlap
+   and each one's faithfulness on every feature's held-out prompts.
+7. The circuit view and its strongest paths (pipeline/circuit/view.py, `circuit.view`).
 Each long part is checkpointed under tensors/.partial/, so a killed run resumes where it stopped.
 """
 
@@ -29,7 +32,7 @@ import torch
 
 from pipeline import figures
 from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
-from pipeline.circuit import benchmark, edges, mib
+from pipeline.circuit import benchmark, edges, features, mib, view
 from pipeline.circuit.ablation import check_ablations
 from pipeline.circuit.faithfulness import (curve_summary, draw_band, edge_counts, random_circuits, random_draws, size_grid,
                                            top_circuits)
@@ -149,6 +152,8 @@ def run(ctx) -> None:
             benchmark.run(ctx, model, graph, methods[0], scores[methods[0]].mean(0), sides, ablations, score_pairs,
                           units_of(ctx.discovery_dataset, n_score), scores["eap"] if "eap" in scores else None,
                           loaded.in_graph if loaded is not None else None, metric)
+        if c.features.enabled:  # one circuit per dialect feature (pipeline/circuit/features.py)
+            features.run(ctx, graph, metric, scores, units_of(ctx.discovery_dataset, n_score))
 
         pp = None
         if c.path_patching.enabled:
@@ -281,10 +286,11 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     write_figure(ctx.figures / "circuit_edge_agreement.html", figures.scatter_agreement(
         points, f"Edge scores against exact single-edge patching ({n_eval} prompts)",
         f"exact: m(full) - m(full without the edge), {metric}", "edge score (EAP, EAP-IG)"))
-    size = curves[main]["size_at_0.8"] or fractions[-1]
-    k_draw = min(max(1, int(round(size * graph.n_edges))), int(c.draw_max_edges))
-    write_figure(ctx.figures / "circuit_graph.html", plots.circuit_graph(
-        graph, scores[main].mean(0), k_draw, f"Circuit: top {k_draw} edges by |{main} score| ({cfg.direction.name})"))
+    k_draw = min(int(c.draw_max_edges), graph.n_edges)
+    write_figure(ctx.figures / "circuit_graph.html", view.circuit_view(
+        graph, scores[main].mean(0), counts, k_draw, int(c.view.max_edges), f"Circuit by |{main} score| ({cfg.direction.name})"))
+    write_table(ctx.tables / "circuit_paths.csv", view.strongest_paths(
+        graph, scores[main], k_draw, int(c.view.paths), units_of(ctx.discovery_dataset, n_score), n_boot, seed))
     if pp is not None:
         normalized, gap = pp
         effect = normalized * gap
