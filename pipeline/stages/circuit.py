@@ -290,7 +290,8 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     write_figure(ctx.figures / "circuit_graph.html", view.circuit_view(
         graph, scores[main].mean(0), counts, k_draw, int(c.view.max_edges), f"Circuit by |{main} score| ({cfg.direction.name})"))
     write_table(ctx.tables / "circuit_paths.csv", view.strongest_paths(
-        graph, scores[main], k_draw, int(c.view.paths), units_of(ctx.discovery_dataset, n_score), n_boot, seed))
+        graph, scores[main], k_draw, int(c.view.paths), None if one_row else units_of(ctx.discovery_dataset, n_score), n_boot,
+        seed))  # a loaded circuit's scores are one row, not one per prompt
     if pp is not None:
         normalized, gap = pp
         effect = normalized * gap
