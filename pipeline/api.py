@@ -158,11 +158,12 @@ def load_run(path: str | Path) -> "Run":
     return Run(path)
 
 
-def compare(runs: list, out: str | Path | None = None, allow_different_datasets: bool = False):
+def compare(runs: list, out: str | Path | None = None, allow_different_datasets: bool = False, circuit_prompts: int = 8):
     """The comparison `dialect-circuits compare` makes, as DataFrames: `.tables[name]` is
     tables/compare_<name>.csv, `.runs` the runs with their labels, `.skipped` what could not be
     compared. `runs`: Run objects or directories (a multirun directory stands for its jobs).
-    With `out`, also writes the command's comparison.html and CSVs there."""
+    With `out`, also writes the command's comparison.html and CSVs there. `circuit_prompts`: as
+    `--circuit-prompts` (0: the circuits' edges only, no model loaded)."""
     from pipeline import compare as comparing
 
     dirs = [str(r.dir if isinstance(r, Run) else r) for r in runs]
@@ -170,7 +171,7 @@ def compare(runs: list, out: str | Path | None = None, allow_different_datasets:
     for run in runs:
         if run.manifest.get("status") != "complete":
             log.warning("%s did not finish (status %s); its tables may be partial", run.label, run.manifest.get("status"))
-    result = comparing.comparison(runs)
+    result = comparing.comparison(runs, circuit_prompts)
     if out is not None:
         comparing.write_comparison(result, Path(out))
     return result

@@ -322,9 +322,10 @@ def open_runs(dirs: list[str], allow_different_datasets: bool) -> list[Run]:
     return runs
 
 
-def comparison(runs: list[Run]) -> Comparison:
+def comparison(runs: list[Run], circuit_prompts: int = 8) -> Comparison:
     """Every per-component table the runs have, joined across them (shared by the command and
-    pipeline/api.py; it prints nothing and writes nothing)."""
+    pipeline/api.py; it prints nothing and writes nothing). `circuit_prompts`: held-out prompts of
+    each run every run's circuit is evaluated on, where the runs share a model (0: none)."""
     result = Comparison(runs)
     for name in sorted(set.union(*(run.table_names() for run in runs)), key=page_order):
         having = [run for run in runs if name in run.table_names()]
@@ -346,7 +347,7 @@ def comparison(runs: list[Run]) -> Comparison:
         result.names[name] = component_names(joined, key_columns(tables[0]))
     from pipeline.circuit.compare_view import circuit_comparison
 
-    result.circuit = circuit_comparison(runs)
+    result.circuit = circuit_comparison(runs, circuit_prompts)
     from pipeline.compare_scores import score_comparison
     from pipeline.scaling import scaling_comparison
 
@@ -374,14 +375,14 @@ def write_comparison(result: Comparison, out_dir: Path) -> Path:
     return out_dir
 
 
-def compare(dirs: list[str], out: str | None, allow_different_datasets: bool) -> Path:
+def compare(dirs: list[str], out: str | None, allow_different_datasets: bool, circuit_prompts: int = 8) -> Path:
     runs = open_runs(dirs, allow_different_datasets)
     out_dir = Path(out) if out else default_out(runs)
     for run in runs:
         print(f"  {run.label}: {run.path} ({run.manifest.get('status')})")
         if run.manifest.get("status") != "complete":
             print(f"  note: {run.label} did not finish (status {run.manifest.get('status')}); its tables may be partial")
-    result = comparison(runs)
+    result = comparison(runs, circuit_prompts)
     for name, joined in result.tables.items():
         print(f"  {name}: {len(joined)} components; largest difference {joined['max_abs_diff'].max():.4g} "
               f"({result.names[name].iloc[0]})")
@@ -400,6 +401,9 @@ def main(argv: list[str], parser: argparse.ArgumentParser) -> int:
     parser.add_argument("--out", metavar="DIR", help="output directory (default: <common parent>/comparison-<time>)")
     parser.add_argument("--allow-different-datasets", action="store_true",
                         help="compare runs whose dataset.csv differ (e.g. two models' built datasets)")
+    parser.add_argument("--circuit-prompts", type=int, default=8, metavar="N",
+                        help="held-out prompts of each run that every run's circuit is evaluated on, where the runs share a "
+                             "model (loads it; 0: compare the circuits' edges only)")
     args = parser.parse_args(argv)
-    compare(args.dirs, args.out, args.allow_different_datasets)
+    compare(args.dirs, args.out, args.allow_different_datasets, args.circuit_prompts)
     return 0

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from markupsafe import Markup
 
 from pipeline.artifacts import read_tensors
+from pipeline.circuit.across_runs import across_runs
 from pipeline.circuit.graph import Graph
 
 
@@ -25,9 +26,10 @@ def _load(run):
     return summary, method, scores, curve
 
 
-def circuit_comparison(runs) -> dict | None:
+def circuit_comparison(runs, circuit_prompts: int = 8) -> dict | None:
     """What comparison.html.j2 shows under "Circuit" (None when fewer than two runs have a circuit),
-    with the tables to write under `tables` (it writes nothing itself)."""
+    with the tables to write under `tables` (it writes nothing itself); `across`: the circuits'
+    overlap and transfer (pipeline/circuit/across_runs.py)."""
     loaded = [(run, _load(run)) for run in runs]
     loaded = [(run, x) for run, x in loaded if x is not None]
     if len(loaded) < 2:
@@ -69,7 +71,14 @@ def circuit_comparison(runs) -> dict | None:
                       xaxis_title="circuit size (% of edges, log scale)", yaxis_title="faithfulness", template="plotly_white")
     jaccard = len(shared) / len(union) if union else float("nan")
     tables = {"compare_circuit": table, "compare_circuit_shared_edges": pd.DataFrame({"edge": [names[e] for e in sorted(shared)]})}
-    return {"tables": tables, "different": None, "graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
+    across = across_runs([run for run, _ in loaded], circuit_prompts)
+    if across:
+        tables["compare_circuit_overlap"] = across["overlap"]
+        if len(across["transfer"]):
+            tables["compare_circuit_transfer"] = across["transfer"]
+        across["figure"] = Markup(across["figure"].to_html(include_plotlyjs=False, full_html=False))
+        across["overlap_rows"] = [[r.a, r.b, r.overlap, f"[{r.ci_low:.3f}, {r.ci_high:.3f}]"] for r in across["overlap"].itertuples()]
+    return {"tables": tables, "across": across, "different": None, "graph": graph_txt, "sizes": ", ".join(map(str, sizes)), "n_shared": len(shared), "jaccard": jaccard,
             "header": list(table.columns), "rows": table.values.tolist(),
             "shared_header": list(shared_rows.columns), "shared_rows": shared_rows.values.tolist(),
             "figure": Markup(fig.to_html(include_plotlyjs=False, full_html=False))}

@@ -3,7 +3,8 @@
 1. Edge scores (pipeline/circuit/edges.py) with `circuit.method` (eap | eap_ig) on the first
    `circuit.score_prompts` prompts, and with the other method too when `circuit.compare_methods`.
 2. Circuits of each size (`circuit.smallest` .. 100% of edges, `circuit.n_sizes` log-spaced): the
-   edges of largest |mean score|, and a random circuit of each size as the baseline; evaluated
+   edges of largest |mean score|, and `circuit.random_draws` random circuits of each size as the
+   baseline (their mean and the spread of the draws); evaluated
    exactly on the first `circuit.eval_prompts` prompts: faithfulness curve, CPR, CMD, 95% intervals.
 3. Scores against exact single-edge patching on the top `circuit.edge_check.top` edges and
    `circuit.edge_check.random` others: Pearson r and top-k overlap per method.
@@ -14,6 +15,9 @@
    ablation compared. Every scored graph is written as circuits/<method>.json in the EAP-IG / MIB
    format (pipeline/circuit/mib.py), and `circuit.load=<file.json>` evaluates a given one instead
    of discovering a circuit (method `loaded`).
+6. One circuit per dialect feature (pipeline/circuit/features.py, `circuit.features`): their overlap
+   and each one's faithfulness on every feature's held-out prompts.
+7. The circuit view and its strongest paths (pipeline/circuit/view.py, `circuit.view`).
 Each long part is checkpointed under tensors/.partial/, so a killed run resumes where it stopped.
 """
 
@@ -28,9 +32,10 @@ import torch
 
 from pipeline import figures
 from pipeline.artifacts import write_figure, write_json, write_table, write_tensors
-from pipeline.circuit import benchmark, edges, mib
+from pipeline.circuit import benchmark, edges, features, mib, view
 from pipeline.circuit.ablation import check_ablations
-from pipeline.circuit.faithfulness import curve_summary, edge_counts, random_circuits, size_grid, top_circuits
+from pipeline.circuit.faithfulness import (curve_summary, draw_band, edge_counts, random_circuits, random_draws, size_grid,
+                                           top_circuits)
 from pipeline.circuit.graph import Graph, edge_hooks
 from pipeline.circuit.path_patching import path_patch
 from pipeline.circuit import plots
@@ -98,7 +103,8 @@ def run(ctx) -> None:
         blocks = {"full": torch.ones(1, graph.n_edges, dtype=torch.bool), "empty": torch.zeros(1, graph.n_edges, dtype=torch.bool)}
         for method in methods:
             blocks[method] = top_circuits(scores[method].mean(0), counts)
-        blocks["random"] = random_circuits(graph.n_edges, counts, int(cfg.seed))
+        draws = int(c.random_draws)  # random circuits of each size below every edge: the band the top ones must leave
+        blocks["random"] = random_circuits(graph.n_edges, [k for k in counts if k < graph.n_edges], int(cfg.seed), draws)
         minus_one = torch.ones(len(check_edges), graph.n_edges, dtype=torch.bool)
         minus_one[torch.arange(len(check_edges)), check_edges] = False
         blocks["edge_patching"] = minus_one
@@ -110,6 +116,8 @@ def run(ctx) -> None:
                            desc=f"circuit evaluation ({len(circuits)} circuits)")
         log.info("circuit evaluation: %d circuits on %d prompts in %.1f s", len(circuits), n_eval, time.perf_counter() - started)
         split = dict(zip(blocks, torch.split(m, [len(b) for b in blocks.values()])))
+        split["random_draws"] = random_draws(split["random"], counts, graph.n_edges, split["full"][0], draws)
+        split["random"] = split["random_draws"].mean(0)  # the average random circuit of each size
         write_tensors(ctx.tensors / "circuit_eval.safetensors", {**{k: v for k, v in split.items()}, "fractions": torch.tensor(fractions),
                                                                  "check_edges": check_edges, **{f"circuit_{k}": blocks[k] for k in methods}},
                       metadata={"axes": "[circuit, prompt]", "metric": metric})
@@ -126,6 +134,8 @@ def run(ctx) -> None:
             log.info("circuit evaluation on held-out prompts: %d circuits on %d prompts in %.1f s",
                      sum(len(b) for b in held_blocks.values()), n_heldout, time.perf_counter() - started)
             heldout = dict(zip(held_blocks, torch.split(mh, [len(b) for b in held_blocks.values()])))
+            heldout["random_draws"] = random_draws(heldout["random"], counts, graph.n_edges, heldout["full"][0], draws)
+            heldout["random"] = heldout["random_draws"].mean(0)
             write_tensors(ctx.tensors / "circuit_eval_heldout.safetensors", {**heldout, "fractions": torch.tensor(fractions)},
                           metadata={"axes": "[circuit, prompt]", "metric": metric, "prompts": "held-out"})
             ck.remove()
@@ -142,6 +152,8 @@ def run(ctx) -> None:
             benchmark.run(ctx, model, graph, methods[0], scores[methods[0]].mean(0), sides, ablations, score_pairs,
                           units_of(ctx.discovery_dataset, n_score), scores["eap"] if "eap" in scores else None,
                           loaded.in_graph if loaded is not None else None, metric)
+        if c.features.enabled:  # one circuit per dialect feature (pipeline/circuit/features.py)
+            features.run(ctx, graph, metric, scores, units_of(ctx.discovery_dataset, n_score))
 
         pp = None
         if c.path_patching.enabled:
@@ -157,6 +169,13 @@ def run(ctx) -> None:
 
     write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_edges, pp, n_score, n_eval, metric,
                   heldout, n_heldout, loaded)
+
+
+def curve_numbers(curve: dict) -> dict:
+    """What circuit_summary.json keeps of a curve: CPR and CMD with their intervals, the first size
+    at faithfulness 0.8, and for the random circuits the range of their draws' CPR and CMD."""
+    keep = ("cpr", "cpr_ci", "cmd", "cmd_ci", "size_at_0.8", "draws", "cpr_draws", "cmd_draws")
+    return {k: curve[k] for k in keep if k in curve}
 
 
 def edge_sample(scores: torch.Tensor, top: int, n_random: int, seed: int) -> torch.Tensor:
@@ -206,10 +225,14 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
                                      ("heldout", heldout or {}, [methods[0], "random"] if heldout else [])):
         for name in names_:
             s = curve_summary(fractions, values[name], values["full"][0], values["empty"][0], n_boot, seed)
+            if name == "random":  # the mean of the draws, and their spread
+                s.update(draw_band(fractions, values["random_draws"], values["full"][0], values["empty"][0]))
             (curves if prompts == "discovery" else curves_heldout)[name] = s
             for i, f in enumerate(fractions):
                 rows.append({"prompts": prompts, "circuit": name, "fraction": f, "edges": counts[i],
                              "faithfulness": s["faithfulness"][i], "ci_low": s["ci_low"][i], "ci_high": s["ci_high"][i],
+                             "draws_low": s["band_low"][i] if "band_low" in s else np.nan,
+                             "draws_high": s["band_high"][i] if "band_high" in s else np.nan,
                              "metric_mean": float(values[name][i].mean())})
     write_table(ctx.tables / "circuit_faithfulness.csv", pd.DataFrame(rows))
 
@@ -227,11 +250,9 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
         "metric": metric, "methods": methods, "ig_steps": int(c.ig_steps), "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
         "graph": graph.summary(), "graph_shape": graph.shape, "score_prompts": n_score, "eval_prompts": n_eval,
         "m_full": float(full.mean()), "m_empty": float(empty.mean()),
-        "curves": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"], "size_at_0.8": v["size_at_0.8"]}
-                   for k, v in curves.items()},
-        "heldout_prompts": n_heldout,
-        "curves_heldout": {k: {"cpr": v["cpr"], "cpr_ci": v["cpr_ci"], "cmd": v["cmd"], "cmd_ci": v["cmd_ci"],
-                               "size_at_0.8": v["size_at_0.8"]} for k, v in curves_heldout.items()},
+        "curves": {k: curve_numbers(v) for k, v in curves.items()},
+        "heldout_prompts": n_heldout, "random_draws": int(c.random_draws),
+        "curves_heldout": {k: curve_numbers(v) for k, v in curves_heldout.items()},
         "m_full_heldout": float(heldout["full"][0].mean()) if heldout else None,
         "m_empty_heldout": float(heldout["empty"][0].mean()) if heldout else None,
         "edge_agreement": agree.to_dict("records"),
@@ -265,10 +286,12 @@ def write_outputs(ctx, graph, methods, scores, fractions, counts, split, check_e
     write_figure(ctx.figures / "circuit_edge_agreement.html", figures.scatter_agreement(
         points, f"Edge scores against exact single-edge patching ({n_eval} prompts)",
         f"exact: m(full) - m(full without the edge), {metric}", "edge score (EAP, EAP-IG)"))
-    size = curves[main]["size_at_0.8"] or fractions[-1]
-    k_draw = min(max(1, int(round(size * graph.n_edges))), int(c.draw_max_edges))
-    write_figure(ctx.figures / "circuit_graph.html", plots.circuit_graph(
-        graph, scores[main].mean(0), k_draw, f"Circuit: top {k_draw} edges by |{main} score| ({cfg.direction.name})"))
+    k_draw = min(int(c.draw_max_edges), graph.n_edges)
+    write_figure(ctx.figures / "circuit_graph.html", view.circuit_view(
+        graph, scores[main].mean(0), counts, k_draw, int(c.view.max_edges), f"Circuit by |{main} score| ({cfg.direction.name})"))
+    write_table(ctx.tables / "circuit_paths.csv", view.strongest_paths(
+        graph, scores[main], k_draw, int(c.view.paths), None if one_row else units_of(ctx.discovery_dataset, n_score), n_boot,
+        seed))  # a loaded circuit's scores are one row, not one per prompt
     if pp is not None:
         normalized, gap = pp
         effect = normalized * gap

@@ -94,8 +94,16 @@ CAPTIONS = {
                             "log scale): 1 = the circuit alone reproduces the full model's metric, 0 = no better than "
                             "corrupting every edge. The grey line is a random circuit of the same size; bands are 95% "
                             "bootstrap intervals over prompts.",
-    "circuit_graph": "The circuit drawn by layer: input on the left, logits on the right, heads by row (MLPs on top). "
-                     "Red edges push the metric toward the clean answer, blue against it; thicker = larger score.",
+    "circuit_graph": "The circuit drawn by layer, input at the bottom and logits on top: each layer's heads on one row "
+                     "and its MLP half a row above, ordered to reduce crossings; node size is the node's attribution "
+                     "(the sum of its outgoing edges' scores). Red edges push the metric toward the clean run's value, "
+                     "blue against it; thicker = larger |score|. The slider picks the circuit size; hover a node for "
+                     "its inputs and outputs in the circuit with their scores.",
+    "circuit_features": "One circuit or one per dialect feature? Left: the share of top edges two features' circuits "
+                        "(and the pooled circuit) have in common, with 95% pair-bootstrap intervals; the title gives "
+                        "what two random circuits of the same size share. Right: each circuit's faithfulness on each "
+                        "feature's held-out prompts (1 = the full model, 0 = every edge corrupted), the random row "
+                        "being random circuits of the same size.",
     "circuit_mib": "Faithfulness at MIB's ten edge fractions, the circuits pruned to the edges on input-to-logits paths, "
                    "under each ablation (colour); CPR and CMD in the legend are MIB's trapezoids over the linear fraction "
                    "(the x axis is drawn on a log scale); bands are 95% pair-bootstrap intervals.",
@@ -132,7 +140,8 @@ PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution pa
 # Figures shown in the dataset and baseline sections rather than among the others.
 SHOWN_EARLIER = {"power_forest", "attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
 # Figures shown in the circuit section.
-CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_edge_agreement", "path_patching", "circuit_mib")
+CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_features", "circuit_edge_agreement", "path_patching",
+                   "circuit_mib")
 
 # Frame size for a figure page whose size cannot be read from it (circuitsvis, autosized plotly):
 # circuitsvis widgets grow downwards as one hovers, so the frame is tall.
@@ -474,9 +483,9 @@ def circuit_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
                  for r in summary.get("edge_agreement", [])]
     main = summary["methods"][0]
     data = {"s": summary, "main": main, "main_curve": curves[main], "random": curves.get("random"), "rows": rows,
-            "agreement": agreement, "gap": summary.get("empty_vs_corrupted", {}),
+            "agreement": agreement, "gap": summary.get("empty_vs_corrupted", {}), **circuit_extras(run_dir),
             "figures": [figure(run_dir / "figures" / f"{stem}.html") for stem in CIRCUIT_FIGURES
-                        if (run_dir / "figures" / f"{stem}.html").exists()]}
+                        if stem != "circuit_mib" and (run_dir / "figures" / f"{stem}.html").exists()]}  # MIB's has its section
     return [Section("circuit", "Circuit", "report/circuit.html.j2", data)]
 
 
@@ -508,6 +517,17 @@ def mib_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
             "grouped": "key/value heads" in summary.get("graph", ""),
             "figures": [figure(run_dir / "figures" / "circuit_mib.html")] if (run_dir / "figures" / "circuit_mib.html").exists() else []}
     return [Section("circuit-mib", "Circuit on MIB's yardstick", "report/circuit_mib.html.j2", data, nav="MIB")]
+
+
+def circuit_extras(run_dir: Path) -> dict:
+    """The strongest paths shown beside the circuit view, and the per-feature circuits."""
+    from pipeline.circuit.features import section_data
+
+    path = run_dir / "tables" / "circuit_paths.csv"
+    paths = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    rows = [[r.path, r.share, f"[{r.ci_low:.3g}, {r.ci_high:.3g}]", f"{r.in_drawn_circuit}/{r.edges}", r.weakest_abs_score,
+             r.sum_of_scores] for r in paths.itertuples()]
+    return {"paths": rows if path.exists() else None, "features": section_data(run_dir)}
 
 
 def intervene_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
