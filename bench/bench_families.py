@@ -8,7 +8,7 @@ Prints per family: how the fast engine ran its patched forwards (kv_forward, or 
 bridge's blocks and why), both wall times, the ratio reference / fast, and the largest absolute
 difference of the per-prompt logit differences. Tiny models are dominated by the unembedding of
 their 49,152-token vocabulary (the reference engine computes it at every position); the ratio on a
-real model is larger (bench/bench_patching.py, docs/scaling.md).
+real model is larger (bench/bench_patching.py, docs/reference/cost-and-speed.md).
 """
 
 from __future__ import annotations

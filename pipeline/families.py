@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Family:
     config_class: str  # transformers configuration class
-    what: str  # what the family brings, for the README and the log
+    what: str  # what the family brings, for the docs and the log
     settings: dict = field(default_factory=dict)  # beyond the shared shape below
 
 
@@ -42,7 +42,7 @@ FAMILIES = {
 }
 
 # Real checkpoints of Mistral and Gemma 2 attend within 4096 tokens; prompts are far shorter, so
-# a tiny model keeps a window no probing row reaches (README "Model families" on shorter windows).
+# a tiny model keeps a window no probing row reaches (docs/reference/families.md on shorter windows).
 SLIDING_WINDOW = 4096
 
 

@@ -263,3 +263,53 @@ def dose_response(table: pd.DataFrame, score: tuple[float, float, float], metric
     fig.update_layout(title="Does removing it remove the prejudice? Held-out prompts; dashed: the score without intervention",
                       width=max(420 * len(kinds), 900), height=720, legend=dict(orientation="h", y=-0.12))
     return fig
+
+
+# What a positive AAE - SAE score means, per metric.
+LEANS = {"favorability": "more unfavorable traits after AAE", "prestige": "lower-prestige occupations after AAE"}
+SIDE_STYLE = {"discovery": ("#1b7837", "circle"), "heldout": ("#762a83", "diamond"), "all": ("#444444", "square")}
+SIDE_NAMES = {"discovery": "discovery side", "heldout": "held-out side", "all": "every prompt"}
+
+
+def power_forest(table: pd.DataFrame, metric: str) -> go.Figure:
+    """Forest plot of the AAE - SAE score (pipeline/power.py): one row per dialect feature and the
+    pooled score at the bottom, each side of the split as its own point with its 95% pair-bootstrap
+    interval, over the grey 95% band of the guise-swap null; hover for pairs, spread, the smallest
+    detectable score and the pairs this score would need."""
+    sides = [s for s in ("discovery", "heldout") if (table.side == s).any()] or ["all"]
+    features = [f for f in sorted(table.feature.unique()) if f != "all"]
+    order = features + ["all"]  # pooled last: drawn at the bottom
+    y_of = {f: len(order) - 1 - i for i, f in enumerate(order)}
+    offset = {s: (0.18 - 0.36 * k / max(len(sides) - 1, 1)) if len(sides) > 1 else 0.0 for k, s in enumerate(sides)}
+    fig = go.Figure()
+    for side in sides:
+        rows = table[table.side == side].set_index("feature").reindex(order).dropna(subset=["score"])
+        ys = np.array([y_of[f] + offset[side] for f in rows.index])
+        fig.add_trace(go.Bar(y=ys, x=rows.null_high - rows.null_low, base=rows.null_low, orientation="h", width=0.16,
+                             marker_color="rgba(120,120,120,0.30)", name="null 95% band (guise swaps)",
+                             legendgroup="null", showlegend=side == sides[0], hoverinfo="skip"))
+        color, symbol = SIDE_STYLE[side]
+        hover = [f"{f} ({SIDE_NAMES[side]}): {r.score:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]<br>{int(r.n_pairs)} pairs, "
+                 f"{int(r.n_prompts)} prompts, sd per pair {r.sd_per_pair:.3f}<br>smallest detectable {r.detectable:.3f}; "
+                 f"null band [{r.null_low:+.3f}, {r.null_high:+.3f}], p {r.p_perm:.3g}<br>pairs to detect this score: "
+                 + (f"{r.pairs_needed:,.0f}" if np.isfinite(r.pairs_needed) else "-") for f, r in rows.iterrows()]
+        fig.add_trace(go.Scatter(x=rows.score, y=ys, mode="markers", name=f"{SIDE_NAMES[side]} (95% interval)",
+                                 marker=dict(color=color, symbol=symbol, size=np.where(rows.index == "all", 13, 9)),
+                                 error_x=dict(type="data", symmetric=False, array=rows.ci_high - rows.score,
+                                              arrayminus=rows.score - rows.ci_low, color=color, thickness=2),
+                                 text=hover, hovertemplate="%{text}<extra></extra>"))
+    fig.add_vline(x=0, line_dash="dot", line_color="grey")
+    fig.add_hline(y=0.5, line_color="#bbbbbb")  # pooled row below the line
+    pairs = {(r.side, r.feature): int(r.n_pairs) for r in table.itertuples()}  # a small run may leave a feature off a side
+    labels = [f"{f} ({' / '.join(str(pairs.get((side, f), 0)) for side in sides)} pairs)" for f in features]
+    pooled = "<b>all features</b>"
+    fig.update_yaxes(tickvals=[y_of[f] for f in order], ticktext=labels + [pooled], range=[-0.6, len(order) - 0.4])
+    title = METRIC_TITLES.get(metric, metric).split(" (")[0]
+    fig.update_layout(
+        title=f"AAE - SAE score of the {title.lower()} by dialect feature<br><sup>each side of the split with its 95% "
+              "pair-bootstrap interval; grey: 95% band when guises are swapped at random (no dialect effect); "
+              "pairs per feature: discovery / held-out</sup>",
+        xaxis_title=f"score: mean m(AAE) - m(SAE) (positive: {LEANS.get(metric, 'the AAE-side answer gains after AAE')})",
+        barmode="overlay", width=1000, height=140 + 46 * len(order), legend=dict(orientation="h", y=-0.18),
+        margin=dict(l=230))
+    return fig

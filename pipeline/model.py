@@ -169,14 +169,14 @@ def pretrained_source(model_cfg) -> tuple[str, dict]:
 
 def check_architecture(name: str, extra: dict) -> str:
     """The Hugging Face architecture of the model at `name`, refused in one line when
-    TransformerBridge cannot load it (README "Model families")."""
+    TransformerBridge cannot load it (docs/reference/families.md)."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
     from transformers import AutoConfig
 
     architectures = getattr(AutoConfig.from_pretrained(name, **extra), "architectures", None) or []
     if architectures and not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
         raise PipelineError(f"model {name!r} is a {architectures[0]}, an architecture TransformerLens "
-                            f"{transformer_lens_version()}'s TransformerBridge cannot load (README \"Model families\")")
+                            f"{transformer_lens_version()}'s TransformerBridge cannot load (docs/reference/families.md)")
     return architectures[0] if architectures else "unknown"
 
 

@@ -198,11 +198,14 @@ def association_null(assoc: np.ndarray, pair_ids, n_perm: int, seed: int, alpha:
     """Per attribute (columns of assoc): the guise permutation null of its mean association, its
     95% band, the two-sided p-value, and Benjamini-Hochberg over all attributes."""
     inverse, n_units = unit_index(pair_ids)
+    assoc = np.asarray(assoc, dtype=np.float64)
+    valid = ~np.isnan(assoc)  # an attribute scored on a sample of prompts only (dataset.chain_rule_prompts)
     sums = np.zeros((n_units, assoc.shape[1]))
-    np.add.at(sums, inverse, np.asarray(assoc, dtype=np.float64))
+    np.add.at(sums, inverse, np.where(valid, assoc, 0.0))
+    counts = np.maximum(valid.sum(0), 1)
     patterns, exact = sign_patterns(n_units, n_perm, seed)
-    null = patterns @ sums / assoc.shape[0]  # [patterns, attributes]
-    p = p_value(assoc.mean(0), null, exact)
+    null = patterns @ sums / counts  # [patterns, attributes]
+    p = p_value(np.where(valid, assoc, 0.0).sum(0) / counts, null, exact)
     q, significant = benjamini_hochberg(p, alpha)
     band = np.quantile(null, [0.025, 0.975], axis=0)
     return pd.DataFrame({"null_low": band[0], "null_high": band[1], "p_perm": p, "q_bh": q, "significant_bh": significant})

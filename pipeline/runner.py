@@ -312,6 +312,52 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
+def metric_named() -> bool | None:
+    """Whether the command line chose the metric (metric=..., metric.name=..., or a preset that
+    sets it: +task=..., +experiment=...); None outside a Hydra run (a config composed in Python)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return None
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return any(k == "metric" or k.startswith("metric.") or k in ("task", "experiment") for k in keys)
+
+
+def csv_answers_metric(cfg, run_dir: Path):
+    """A dataset CSV names each prompt's answers (best_attr_aae, best_attr_sae); a rated metric
+    (favorability, prestige) reads none of them. When the command named no metric, the run
+    measures the answers the user wrote (metric=logit_diff) and says so; when it named a rated one,
+    it keeps it and says the answer columns are not read. The effective config is what the run
+    directory's .hydra/config.yaml then holds."""
+    from pipeline.metrics import RATED_METRICS
+
+    if not cfg.dataset.path or str(cfg.metric.name) not in RATED_METRICS:
+        return cfg
+    named = metric_named()
+    if named:
+        log.warning("dataset.path=%s gives each prompt's answers (best_attr_aae, best_attr_sae), which metric=%s does not "
+                    "read: it weighs the rated attributes instead (metric=logit_diff measures the CSV's answers)",
+                    cfg.dataset.path, cfg.metric.name)
+        return cfg
+    from omegaconf import open_dict
+
+    from pipeline.config import CONF_DIR
+
+    was = str(cfg.metric.name)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.metric = OmegaConf.load(CONF_DIR / "metric" / "logit_diff.yaml")
+    log.warning("dataset.path=%s gives each prompt's answers (best_attr_aae, best_attr_sae) and the command names no metric: "
+                "measuring those answers with metric=logit_diff instead of the default %s (name metric=%s to weigh the "
+                "rated attributes and leave the answer columns unread)", cfg.dataset.path, was, was)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if named is not None and saved.exists():
+        saved.write_text(OmegaConf.to_yaml(cfg))
+    return cfg
+
+
 def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict:
     """Run the stages of `cfg.stage` in `run_dir`; returns the manifest. `load_model(model_cfg,
     device, dtype)` replaces pipeline.model.load_model and `command` the command line recorded in
@@ -322,6 +368,7 @@ def run(cfg, run_dir: Path, load_model=None, command: str | None = None) -> dict
     except OSError as err:
         raise PipelineError(write_error_line(WriteError(run_dir, err), run_dir, saved=False)) from None
     try:
+        cfg = csv_answers_metric(cfg, run_dir)
         validation.check_config(cfg)
         if cfg.dataset.path and "data" in cfg.stage.stages:
             validation.read_dataset_csv(cfg.dataset.path)  # the data stage checks it with the tokenizer

@@ -156,6 +156,14 @@ RULES = {
     "dtype": (lambda v: v in ("float32", "float16", "bfloat16"), "float32, float16 or bfloat16"),
     "dataset.path": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or the path of a CSV file"),
     "dataset.max_prompts": (optional_positive_int, f"null (every row) or {POSITIVE}"),
+    "dataset.pairs": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                      "generated, curated, or the path of a pair file (AAE<TAB>SAE lines or a .csv)"),
+    "dataset.generate.pairs_per_feature": (positive_int, POSITIVE),
+    "dataset.generate.lexicon": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                                 "null (the package's lexicon) or a folder with verbs.tsv and adjectives.tsv"),
+    "dataset.templates_per_pair": (optional_positive_int, f"null (every template) or {POSITIVE} up to the number of templates"),
+    "dataset.chain_rule_prompts": (lambda v: v is None or (is_int(v) and v >= 0),
+                                   "null (every prompt), 0 (one-token attributes only) or a positive integer"),
     "dataset.features": (lambda v: v is None or (isinstance(v, list) and v and all(isinstance(f, str) for f in v)),
                          "null or a list of feature names such as [habitual_be,finna]"),
     "dataset.answers": (lambda v: v in ("cross_fit", "per_prompt", "global"), "cross_fit, per_prompt or global"),
@@ -172,6 +180,7 @@ RULES = {
     "attribution.top_k_heads": (positive_int, POSITIVE),
     "attribution.bootstrap": (positive_int, POSITIVE),
     "patching.max_prompts": (optional_positive_int, f"null (every prompt) or {POSITIVE}"),
+    "patching.attribution_prompts": (optional_positive_int, f"null (every discovery prompt) or {POSITIVE}"),
     "patching.engine": (lambda v: v in ("fast", "reference"), "fast or reference"),
     "patching.bootstrap": (positive_int, POSITIVE),
     "patching.checkpoint_every": (positive_int, POSITIVE),
@@ -197,6 +206,7 @@ RULES = {
     "circuit.heldout_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every held-out prompt), 0 (none) or a positive integer"),
     "circuit.smallest": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a fraction in (0, 1]"),
     "circuit.n_sizes": (positive_int, POSITIVE),
+    "circuit.random_draws": (positive_int, POSITIVE),
     "circuit.edge_check.top": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
     "circuit.edge_check.random": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
     "circuit.path_patching.receivers": (lambda v: v == "logits" or (isinstance(v, list) and v and all(isinstance(r, str) for r in v)),
@@ -215,6 +225,14 @@ RULES = {
     "circuit.batch_size": (positive_int, POSITIVE),
     "circuit.rows_per_run": (positive_int, POSITIVE),
     "circuit.checkpoint_every": (positive_int, POSITIVE),
+    "circuit.load": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null or the path of a circuit JSON file"),
+    "circuit.ablation": (lambda v: isinstance(v, list) and v and set(v) <= {"patching", "mean", "zero", "mean_positional"},
+                         "a list of patching, mean, zero and mean_positional, e.g. [patching,mean]"),
+    "circuit.mib.rankings": (lambda v: isinstance(v, list) and v and set(v) <= {"absolute", "signed"},
+                             "a list of absolute and signed, e.g. [absolute,signed]"),
+    "circuit.mib.eval_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every evaluation prompt), 0 (none) or a positive integer"),
+    "circuit.mib.overlap_bootstrap": (positive_int, POSITIVE),
+    "circuit.mib.heldout_prompts": (lambda v: v is None or (is_int(v) and v >= 0), "null (every held-out prompt), 0 (none) or a positive integer"),
 }
 
 
@@ -278,6 +296,8 @@ def check_config(cfg) -> None:
                "metric=favorability, prestige or logit_diff for stage=patching (stage=circuit takes prob_diff and kl_div)")
     if "circuit" in stages and metric == "kl_div" and cfg.circuit.method == "eap":
         refuse("config", "circuit.method=eap cannot use metric=kl_div (its gradient at the clean run is zero)", "circuit.method=eap_ig")
+    if "circuit" in stages and cfg.circuit.get("load"):
+        check_circuit_file(str(cfg.circuit.load))
     if "patching" in stages:
         from pipeline.patching.sweeps import SWEEPS
 
@@ -285,6 +305,25 @@ def check_config(cfg) -> None:
         for name in sweeps:
             if name not in SWEEPS:
                 refuse("config", f"patching.sweeps names an unknown sweep {name!r}", f"any of {', '.join(SWEEPS)}")
+
+
+def check_circuit_file(path: str) -> None:
+    """circuit.load before any model runs: a readable JSON object with the format's three keys
+    (its edges are checked against the model's graph by pipeline/circuit/mib.py)."""
+    import json
+
+    accepted = "an EAP-IG / MIB circuit JSON with the keys cfg, nodes and edges (circuits/<method>.json of a run)"
+    where = f"circuit.load={path}"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        refuse(where, "no such file", accepted)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        refuse(where, f"is not JSON ({one_line(err)})", accepted)
+    missing = [k for k in ("cfg", "nodes", "edges") if not isinstance(d, dict) or k not in d]
+    if missing:
+        refuse(where, f"lacks the key{'s' * (len(missing) > 1)} {', '.join(missing)}", accepted)
 
 
 # ---------------------------------------------------------------- a dataset CSV

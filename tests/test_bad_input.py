@@ -112,6 +112,20 @@ def test_bom_crlf_extra_columns_and_repeated_rows_are_accepted(tmp_path, tiny_mo
     dataset = pd.read_csv(run_dir / "dataset.csv", dtype=str, keep_default_na=False)
     assert list(dataset.columns) == (HEADER + extra).split(",") + ["split"] and len(dataset) == 4
     assert dataset.template.tolist() == ["0", "1", "0", "2"] and dataset.notes[0] == 'a note, with "quotes"\r\nand a line break'
+    # The CSV names its answers and the command no metric: the run measures those answers, and says so.
+    assert "gives each prompt's answers (best_attr_aae, best_attr_sae) and the command names no metric: measuring those " \
+           "answers with metric=logit_diff" in result.stdout
+    assert json.loads((run_dir / "tables" / "baseline.json").read_text())["metric"] == "logit_diff"
+    assert "name: logit_diff" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+def test_a_named_rated_metric_on_a_csv_says_the_answers_are_unread(tmp_path):
+    (tmp_path / "data.csv").write_bytes(good(row(), row(a="rude", b="calm")))
+    result = run_cli(["model=tiny", "stage=cache", "dataset.path=data.csv", "metric=favorability"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gives each prompt's answers (best_attr_aae, best_attr_sae), which metric=favorability does not read" in result.stdout
+    run_dir = only_run_dir(tmp_path)
+    assert json.loads((run_dir / "tables" / "baseline.json").read_text())["metric"] == "favorability"
 
 
 # id -> (arguments, the exact line after "dialect-circuits: error: ")

@@ -189,12 +189,12 @@ def test_real_pair_and_attribute_files_of_hofmann_et_al(tiny_model):
     assert not all(occupations.one_token)  # multi-token ones are scored, not dropped
 
 
-def test_readme_examples_are_valid_files(tmp_path):
-    """The README's five-line example of each file reads as it says."""
+def test_docs_examples_are_valid_files(tmp_path):
+    """The docs' five-line example of each file (docs/how-to/own-data.md) reads as it says."""
     import re
 
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Your own data"): text.index("**Tasks**")]
+    text = (REPO / "docs" / "how-to" / "own-data.md").read_text()
+    section = text[text.index("## Pairs, templates and attributes"): text.index("**Tasks**")]
     blocks = [b for b in re.findall(r"\n\n((?:    .*\n)+)", section) if "dialect-circuits" not in b]
     files = [write(tmp_path, name, "".join(line[4:] + "\n" for line in block.splitlines()).replace("<TAB>", "\t"))
              for name, block in zip(["habitual.txt", "pairs.csv", "templates.txt", "attributes.txt"], blocks)]

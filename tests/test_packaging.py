@@ -20,6 +20,7 @@ def test_wheel_carries_the_configs_and_the_installed_command_finds_them(tmp_path
     repo_yaml = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     assert {f"pipeline/conf/{n}" for n in repo_yaml} <= names
     assert "pipeline/data/pairs.csv" in names
+    assert {"pipeline/data/lexicon/verbs.tsv", "pipeline/data/lexicon/adjectives.tsv", "pipeline/data/generate.py"} <= names
     # Every module and data file of the source package ships (a subpackage missing from
     # pyproject's explicit package list would otherwise only fail on a user's machine).
     shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "pipeline").rglob("*")

@@ -94,6 +94,8 @@ def test_experiment_composes(experiment):
         assert cfg.dataset.max_prompts is None and cfg.patching.max_prompts is None
         assert list(cfg.patching.sweeps) == ["resid_pre", "block", "head_out", "head_parts"]
         assert cfg.device == "cuda"
+    elif experiment == "curated":
+        assert cfg.dataset.pairs == "curated" and cfg.dataset.templates_per_pair is None
     elif experiment in ("scaling", "training"):  # sweeps of models or revisions, run in tests/test_scaling.py
         swept = compose([f"+experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params
         assert list(swept) == (["model"] if experiment == "scaling" else ["model.revision"])

@@ -116,9 +116,13 @@ class Reference:
     matched: torch.Tensor  # [b, pos] bool
 
     @classmethod
-    def make(cls, model, graph, pairs: PairedPrompts, rows: slice, all_pos) -> "Reference":
+    def make(cls, model, graph, pairs: PairedPrompts, rows: slice, all_pos, ablation=None) -> "Reference":
+        """`ablation` (pipeline/circuit/ablation.py Ablation): its values instead of the corrupted run's."""
         device = model_device(model)
         clean = pairs.clean.slice(rows).to(device)
+        if ablation is not None:
+            values, matched = ablation.values(clean)
+            return cls(clean, pairs.answers[rows].to(device), values, matched)
         corrupted = pairs.corrupted.slice(rows).to(device)
         corr_out, _ = capture_outputs(model, graph, corrupted)
         pos = position_map(pairs, rows, clean.tokens.shape[1], all_pos).to(device)
@@ -147,10 +151,11 @@ def _restore_param_grads(model, was):
 
 def edge_scores(model, pairs: PairedPrompts, metric: str, method: str = "eap", ig_steps: int = 5,
                 batch_size: int = 8, done: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                on_progress=None, desc: str | None = None) -> torch.Tensor:
+                on_progress=None, desc: str | None = None, ablation=None) -> torch.Tensor:
     """[n_prompts, n_edges] EAP or EAP-IG score of every edge on every prompt (see module docstring).
     `done`/`values` resume a partial computation; `on_progress(done, values)` is called after
-    every micro-batch."""
+    every micro-batch. With an `ablation` (pipeline/circuit/ablation.py) its values stand for the
+    corrupted outputs: the score estimates m(clean) - m(clean with that edge ablated)."""
     check_method(method, metric)
     enable_edge_hooks(model)
     graph = Graph.of(model)
@@ -162,7 +167,7 @@ def edge_scores(model, pairs: PairedPrompts, metric: str, method: str = "eap", i
     was = _no_param_grads(model)
     try:
         for rows in tqdm([r for r in micro_batches(n, batch_size) if not bool(done[r].all())], desc=desc, disable=desc is None):
-            ref = Reference.make(model, graph, pairs, rows, all_pos)
+            ref = Reference.make(model, graph, pairs, rows, all_pos, ablation)
             b, s = ref.clean.tokens.shape
             d = model.cfg.d_model
             grads = torch.zeros(b, graph.n_down, s, d, device=ref.corrupted.device)
@@ -218,10 +223,11 @@ def _gradient_hooks(graph: Graph, ref: Reference, alpha: float, grads: torch.Ten
 
 def evaluate(model, pairs: PairedPrompts, circuits: torch.Tensor, metric: str, batch_size: int = 8,
              rows_per_run: int = 32, done: torch.Tensor | None = None, values: torch.Tensor | None = None,
-             on_progress=None, desc: str | None = None) -> torch.Tensor:
+             on_progress=None, desc: str | None = None, ablation=None) -> torch.Tensor:
     """[n_circuits, n_prompts] metric of each circuit (bool [n_circuits, n_edges]) on each prompt,
     run exactly as described in the module docstring. Circuits of one micro-batch of prompts share
-    a forward pass up to `rows_per_run` rows."""
+    a forward pass up to `rows_per_run` rows. With an `ablation` (pipeline/circuit/ablation.py)
+    edges outside a circuit carry its values instead of the corrupted outputs."""
     enable_edge_hooks(model)
     graph = Graph.of(model)
     n, n_c = len(pairs), circuits.shape[0]
@@ -231,7 +237,7 @@ def evaluate(model, pairs: PairedPrompts, circuits: torch.Tensor, metric: str, b
     values = torch.full((n_c, n), float("nan")) if values is None else values
     all_pos = all_position_pairs(pairs)
     for rows in tqdm([r for r in micro_batches(n, batch_size) if not bool(done[r].all())], desc=desc, disable=desc is None):
-        ref = Reference.make(model, graph, pairs, rows, all_pos)
+        ref = Reference.make(model, graph, pairs, rows, all_pos, ablation)
         clean_out, clean_last = capture_outputs(model, graph, ref.clean)
         corrupted = ref.fill(clean_out)
         del clean_out

@@ -33,12 +33,34 @@ def top_circuits(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return out
 
 
-def random_circuits(n_edges: int, counts: list[int], seed: int) -> torch.Tensor:
+def random_circuits(n_edges: int, counts: list[int], seed: int, draws: int = 1) -> torch.Tensor:
+    """[draws x n_sizes, n_edges] bool, draw-major: `draws` random circuits of each size."""
     g = torch.Generator().manual_seed(int(seed))
-    out = torch.zeros(len(counts), n_edges, dtype=torch.bool)
-    for i, k in enumerate(counts):
-        out[i, torch.randperm(n_edges, generator=g)[:k]] = True
+    out = torch.zeros(draws * len(counts), n_edges, dtype=torch.bool)
+    for d in range(draws):
+        for i, k in enumerate(counts):
+            out[d * len(counts) + i, torch.randperm(n_edges, generator=g)[:k]] = True
     return out
+
+
+def random_draws(values: torch.Tensor, counts: list[int], n_edges: int, full: torch.Tensor, draws: int) -> torch.Tensor:
+    """The evaluated random circuits of the sizes below every edge ([draws x partial sizes, prompts],
+    draw-major) as [draws, n_sizes, prompts], the sizes of every edge filled with the full model's
+    values (a random circuit of every edge is the full circuit, so it is not evaluated again)."""
+    partial = [i for i, k in enumerate(counts) if k < n_edges]
+    out = full.expand(draws, len(counts), -1).clone()
+    if partial:
+        out[:, partial] = values.reshape(draws, len(partial), -1)
+    return out
+
+
+def draw_band(fractions, m_draws: torch.Tensor, m_full: torch.Tensor, m_empty: torch.Tensor) -> dict:
+    """The spread of the random draws ([draws, n_sizes, prompts]): per size the lowest and highest
+    faithfulness of a draw, and the range of the draws' CPR and CMD."""
+    faith = faithfulness(m_draws, m_full, m_empty).numpy()  # [draws, sizes]
+    cprs, cmds = zip(*(areas(np.asarray(fractions, dtype=float), f) for f in faith))
+    return {"band_low": faith.min(0), "band_high": faith.max(0), "draws": int(len(faith)),
+            "cpr_draws": (float(min(cprs)), float(max(cprs))), "cmd_draws": (float(min(cmds)), float(max(cmds)))}
 
 
 def faithfulness(m_circuits: torch.Tensor, m_full: torch.Tensor, m_empty: torch.Tensor) -> torch.Tensor:

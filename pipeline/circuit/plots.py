@@ -17,6 +17,11 @@ def faithfulness_curves(curves: dict, fractions, title: str, names: dict | None 
         colour = COLOURS.get(family, f"hsl({(i * 67) % 360},60%,45%)")
         fig.add_trace(go.Scatter(x=x + x[::-1], y=list(s["ci_high"]) + list(s["ci_low"])[::-1], fill="toself",
                                  line={"width": 0}, fillcolor=colour, opacity=0.15, hoverinfo="skip", showlegend=False))
+        if "band_low" in s:  # random circuits: the lowest and highest of the draws, dotted
+            for edge in ("band_low", "band_high"):
+                fig.add_trace(go.Scatter(x=x, y=s[edge], mode="lines", line={"color": colour, "dash": "dot", "width": 1},
+                                         name=f"{label}: range of {s['draws']} draws", showlegend=edge == "band_low",
+                                         legendgroup=f"{key} draws", hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=x, y=s["faithfulness"], mode="lines+markers",
                                  line={"color": colour, "dash": "dash" if family != key else "solid"},
                                  name=f"{label}: CPR {s['cpr']:.2f}, CMD {s['cmd']:.2f}"))

@@ -1,6 +1,9 @@
 """The data files shipped in this folder, and the user's files that replace them.
 
-- `pairs.csv`: AAE/SAE utterance pairs over eight dialect features, each in he/she/they variants;
+- `pairs.csv`: the 48 curated AAE/SAE utterance pairs over eight dialect features, each in
+  he/she/they variants (`dataset.pairs=curated`);
+- `lexicon/`: the words the pair generator (generate.py) writes into its rules
+  (`dataset.pairs=generated`, the default);
 - `tasks/<task>/templates.txt` and `tasks/<task>/attributes.txt`: one probing task each (the
   config group conf/task/ chooses one): `traits` (the nine trait templates of matched guise probing
   and the Katz-Braly adjectives), `conviction`, `death_penalty`, `occupations`, and `overt` (race
@@ -30,15 +33,26 @@ def task_file(task: str, kind: str) -> Path:
     return HERE / "tasks" / task / f"{kind}.txt"
 
 
-def load_pairs(path: str | None = None, feature: str | None = None, task: str = "traits") -> pd.DataFrame:
-    """Columns pair_id, feature, pronoun, aae, sae; one row per pair: the user's file, else the
-    task's own pairs (tasks/<task>/pairs.csv, as the overt task has), else the package's dialect
-    pairs (one per pronoun variant)."""
-    if path:
+CURATED, GENERATED = "curated", "generated"
+
+
+def load_pairs(path: str | None = None, feature: str | None = None, task: str = "traits", generate=None,
+               seed: int = 0, features=None) -> pd.DataFrame:
+    """Columns pair_id, feature, pronoun, aae, sae; one row per pair: the user's file; else the
+    task's own pairs (tasks/<task>/pairs.csv, as the overt task has); else the package's dialect
+    pairs: `generated` (pipeline/data/generate.py, with the `generate` settings
+    pairs_per_feature and lexicon, only `features` where given) or `curated` (pairs.csv, one row
+    per pronoun variant; also what null gives)."""
+    if path and path not in (CURATED, GENERATED):
         return read_pairs(path, feature)
     own = HERE / "tasks" / task / "pairs.csv"
     if own.is_file():
         return read_pairs(own, key=f"task {task} pairs")
+    if path == GENERATED:
+        from pipeline.data.generate import generate_pairs
+
+        generate = generate or {}
+        return generate_pairs(int(generate.get("pairs_per_feature", 150)), seed, features, generate.get("lexicon"))
     return read_pairs(HERE / "pairs.csv", key="package pairs")
 
 

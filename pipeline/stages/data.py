@@ -27,6 +27,7 @@ from pipeline.data.stereotypes import stereotype_agreement
 from pipeline.errors import PipelineError
 from pipeline.metrics import AnswerWeights
 from pipeline.nulls import association_null, baseline_null
+from pipeline.power import carriers, power_sentence, power_table
 
 log = logging.getLogger(__name__)
 GUISE_LOGPROBS = "guise_logprobs.safetensors"  # log p(attribute | prompt) per row, per side
@@ -37,7 +38,7 @@ NO_ANSWERS_NEEDED = ("data", "report")  # stages that read no answer's logit
 def run(ctx) -> None:
     cfg = ctx.cfg.dataset
     if cfg.path:
-        given = [k for k in ("pairs", "templates", "attributes") if cfg.get(k)]
+        given = [k for k in ("pairs", "templates", "attributes") if cfg.get(k) and cfg.get(k) != "generated"]  # generated: the default
         if given:
             raise PipelineError(f"dataset.path (a finished dataset) and dataset.{given[0]} (an input to build one) "
                                 "exclude each other; give one of them")
@@ -53,7 +54,10 @@ def run(ctx) -> None:
     else:
         check_rule(cfg.answers, cfg.answer_pair)
         task = str(cfg.get("task") or "traits")
-        pairs = load_pairs(cfg.get("pairs"), cfg.get("feature"), task)
+        pairs = load_pairs(cfg.get("pairs"), cfg.get("feature"), task, cfg.get("generate"), int(ctx.cfg.seed), cfg.features)
+        if "rule" in pairs:
+            log.info("dataset: %d generated feature-matched pairs (%s)", len(pairs),
+                     ", ".join(f"{f} {n}" for f, n in pairs.feature.value_counts(sort=False).items()))
         templates = load_templates(task, cfg.get("templates"))
         attributes = load_attributes(task, cfg.get("attributes"))
         check_rule(cfg.answers, cfg.answer_pair, attributes)  # a given pair must be among the attributes
@@ -64,11 +68,12 @@ def run(ctx) -> None:
             one_token_answers(ctx.tokenizer[0], fixed, "dataset.answer_pair", candidates=attributes,
                               advice=" (set dataset.answer_pair=[<aae side>,<sae side>]); stage=data alone "
                                      "still writes the association table of every attribute")
-        rows = select(build_rows(pairs, templates, cfg.features), None, cfg.max_prompts)
+        rows = select(build_rows(pairs, templates, cfg.features, cfg.get("templates_per_pair"), int(ctx.cfg.seed)), None,
+                      cfg.max_prompts)
         record = "attribution" in ctx.cfg.stage.stages  # one pass serves probing, baseline and attribution
         df, logp, names, left_out, records = probe(ctx.model, rows, attributes, int(ctx.cfg.batch_size),
                                                    bool(ctx.cfg.model.prepend_bos), cfg.answers, fixed,
-                                                   bool(cfg.multi_token), record)
+                                                   bool(cfg.multi_token), record, chain_rule_rows(cfg))
         assoc = (logp["aae"] - logp["sae"]).numpy()
         n_perm, seed = int(ctx.cfg.nulls.permutations), int(ctx.cfg.seed)
         null = association_null(assoc, df.pair_id, n_perm, seed, float(ctx.cfg.nulls.fdr)).assign(attribute=names)
@@ -99,8 +104,52 @@ def run(ctx) -> None:
     sides = df["split"].value_counts().to_dict()
     log.info("split: %d discovery and %d held-out prompts (dataset.split.heldout=%s, by %s)", sides.get(DISCOVERY, 0),
              sides.get(HELDOUT, 0), cfg.split.heldout, cfg.split.by)
+    if not cfg.path:
+        write_power(ctx, df, assoc, names, rated)
     ordered = SEED_COLUMNS + [c for c in df.columns if c not in SEED_COLUMNS]
     write_table(ctx.run_dir / "dataset.csv", df[ordered])
+
+
+def chain_rule_rows(cfg) -> int | None:
+    """`dataset.chain_rule_prompts`: null every prompt; 0 is multi_token=false."""
+    n = cfg.get("chain_rule_prompts")
+    return None if n is None else int(n)
+
+
+def score_per_row(df: pd.DataFrame, assoc: np.ndarray, names: list[str], rated) -> np.ndarray:
+    """Each row's m(AAE) - m(SAE) of the run's metric on one token, from the probing: a rated
+    metric's weights over its one-token attributes, else the row's answer pair (as chosen)."""
+    column = {a: j for j, a in enumerate(names)}
+    if rated is not None:
+        w = rated.weights_over(names, one_token_only=True)
+        used = np.flatnonzero(w)
+        return assoc[:, used] @ w[used]
+    aae = np.array([column[a] for a in df.best_attr_aae])
+    sae = np.array([column[a] for a in df.best_attr_sae])
+    rows = np.arange(len(df))
+    return assoc[rows, aae] - assoc[rows, sae]
+
+
+def write_power(ctx, df: pd.DataFrame, assoc: np.ndarray, names: list[str], rated) -> None:
+    """tables/power.csv and figures/power_forest.html (pipeline/power.py): the score per feature
+    on each side of the split, its spread, and the pairs it takes to see it."""
+    cfg = ctx.cfg
+    gap = score_per_row(df, assoc, names, rated)
+    units = df["pair_id"] if "pair_id" in df and df["pair_id"].astype(bool).all() else [f"row{i}" for i in range(len(df))]
+    table = power_table(gap, units, df.get("feature"), df["split"], int(cfg.nulls.permutations),
+                        int(cfg.nulls.bootstrap), int(cfg.seed))
+    summary = power_sentence(table)
+    summary.update({f"features_{k}": v for k, v in carriers(table).items()})
+    summary["metric"] = str(cfg.metric.name)
+    write_table(ctx.tables / "power.csv", table)
+    write_json(ctx.tables / "power.json", summary)
+    write_figure(ctx.figures / "power_forest.html", figures.power_forest(table, str(cfg.metric.name)))
+    for r in table[table.feature == "all"].itertuples():
+        log.info("power, %s side: score %+.4f [%+.4f, %+.4f] over %d pairs, sd per pair %.3f, detectable %.4f, "
+                 "pairs to detect this score %.0f", r.side, r.score, r.ci_low, r.ci_high, r.n_pairs, r.sd_per_pair,
+                 r.detectable, r.pairs_needed)
+    if summary.get("sentence"):
+        log.info("power: %s", summary["sentence"])
 
 
 def write_stereotype_agreement(ctx, association: pd.DataFrame, n_perm: int, seed: int) -> None:
@@ -135,15 +184,19 @@ def write_prejudice_score(ctx, df: pd.DataFrame, assoc: np.ndarray, names: list[
         versions["chain_rule"] = chain
     rows, per_pair = [], {}
     for version, w in versions.items():
-        gap = assoc @ w  # per row: m(AAE) - m(SAE), the log-sum-exp cancels
-        null = baseline_null(gap, units, list(df.feature), n_perm, n_boot, seed).iloc[0]
-        per_pair[version] = pd.Series(gap).groupby(np.asarray(units)).mean()
+        used = np.flatnonzero(w)
+        gap = assoc[:, used] @ w[used]  # per row: m(AAE) - m(SAE), the log-sum-exp cancels
+        scored = ~np.isnan(gap)  # the chain rule may be scored on a sample of prompts (dataset.chain_rule_prompts)
+        gap, unit_of = gap[scored], np.asarray(units)[scored]
+        null = baseline_null(gap, unit_of, list(df.feature[scored]), n_perm, n_boot, seed).iloc[0]
+        per_pair[version] = pd.Series(gap).groupby(unit_of).mean()
         rows.append({"score": version, "metric": rated.name, "n_attributes": int((w != 0).sum()),
                      **{k: null[k] for k in ("n_prompts", "n_pairs", "gap", "ci_low", "ci_high", "null_low", "null_high", "p_perm")},
                      "sd_per_pair": float(per_pair[version].std(ddof=1))})
     table = pd.DataFrame(rows).rename(columns={"gap": "score_value"})
     if len(per_pair) == 2:
-        a, b = per_pair["one_token"], per_pair["chain_rule"]
+        b = per_pair["chain_rule"]
+        a = per_pair["one_token"].loc[b.index]  # the pairs both are scored on
         table["pair_pearson_r"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else np.nan
         table["pair_sign_agreement"] = float((np.sign(a) == np.sign(b)).mean())
     write_table(ctx.tables / "prejudice_score.csv", table)

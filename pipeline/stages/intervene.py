@@ -45,6 +45,8 @@ from pipeline.data.scoring import attribute_tokens, score_attributes
 from pipeline.errors import PipelineError
 from pipeline.interventions import ComponentSwap, DirectionAblation, dialect_directions, guise_caches, matched_positions, measure
 from pipeline.metrics import LINEAR_METRICS
+from pipeline.nulls import DETECTABLE, pairs_needed
+from pipeline.power import per_pair_sd
 from pipeline.stages.data import GUISE_LOGPROBS
 from pipeline.stats import bootstrap_counts, summarize
 
@@ -198,7 +200,7 @@ def run(ctx) -> None:
         for k in log_sizes(len(all_heads), icfg.n_sizes, [size]):
             interventions[f"heads/top/{k}"] = ComponentSwap(ranked[:k], mode=str(icfg.mode))
             labels["heads"][f"heads/top/{k}"] = ("top", k)
-            for d in range(draws):
+            for d in range(draws if k < len(all_heads) else 0):  # every head: a random draw is the same set
                 pick = torch.randperm(len(all_heads), generator=g)[:k].tolist()
                 interventions[f"heads/random{d}/{k}"] = ComponentSwap([all_heads[i] for i in pick], mode=str(icfg.mode))
                 labels["heads"][f"heads/random{d}/{k}"] = (f"random{d}", k)
@@ -258,6 +260,7 @@ def run(ctx) -> None:
     tasks = task_gaps(ctx, df, chosen, n_boot, seed) if icfg.tasks else None
 
     summary = reported_numbers(ctx, table, score, len(pairs), len(set(units)), associations, tasks, size)
+    summary["power"] = heldout_power(base, units, score[0])
     write_json(ctx.tables / "intervention_summary.json", summary)
     write_figure(ctx.figures / "intervention_dose_response.html", figures.dose_response(table, score, metric))
     for line in summary["sentences"]:
@@ -325,8 +328,10 @@ def association_change(ctx, pairs, rows, chosen: dict, n: int) -> pd.DataFrame:
     sub = pairs.head(n)
     favorability = packaged_ratings("favorability")
     out = []
+    if np.isnan(plain).any():  # multi-token attributes probed on a sample that misses these prompts: probe them here
+        plain = None
     for name, intervention in chosen.items():
-        if intervention is None:
+        if intervention is None and plain is not None:
             assoc = plain
         else:
             logp = {}
@@ -334,6 +339,7 @@ def association_change(ctx, pairs, rows, chosen: dict, n: int) -> pd.DataFrame:
                 logp[guise] = score_attributes(model, getattr(sub, side), attrs, bs,
                                                hooks_for=intervention_hooks(model, sub, intervention, guise))
             assoc = (logp["aae"] - logp["sae"]).double().mean(0).numpy()
+            plain = assoc if intervention is None else plain
         top = [names[i] for i in np.argsort(-assoc, kind="stable")[:5]]
         rated = [favorability[a.lower()] for a in top if a.lower() in favorability]
         out.append({"intervention": name, "prompts": len(sub), "correlation_with_none": float(np.corrcoef(assoc, plain)[0, 1]),
@@ -349,7 +355,7 @@ def intervention_hooks(model, pairs, intervention, guise: str):
     from pipeline.forward import model_device
 
     def hooks_for(index: torch.Tensor):
-        if not intervention.changes(guise):
+        if intervention is None or not intervention.changes(guise):
             return []
         rows = index.tolist()
         device = model_device(model)
@@ -385,6 +391,16 @@ def task_gaps(ctx, df: pd.DataFrame, chosen: dict, n_boot: int, seed: int) -> pd
     table = pd.DataFrame(out)
     write_table(ctx.tables / "intervention_tasks.csv", table)
     return table
+
+
+def heldout_power(base: np.ndarray, units, score: float) -> dict:
+    """What this stage's held-out prompts can see (pipeline/power.py): the spread of the pair
+    means, the smallest detectable score at this pair count, and the pairs this score would need."""
+    n_pairs = len(set(units))
+    sd = per_pair_sd(base, units)
+    detectable = float(DETECTABLE * sd / np.sqrt(n_pairs)) if np.isfinite(sd) else float("nan")
+    return {"sd_per_pair": sd, "detectable": detectable,
+            "pairs_needed": pairs_needed(n_pairs, detectable, score) if np.isfinite(detectable) else float("nan")}
 
 
 def reported_numbers(ctx, table: pd.DataFrame, score, n_prompts: int, n_pairs: int, associations, tasks, size: int) -> dict:

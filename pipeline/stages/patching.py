@@ -7,7 +7,8 @@ effect in metric units is not.
 
 Exact sweeps (resid_pre, block, head_out, head_parts) run on the first `patching.max_prompts`
 discovery prompts (pipeline/data/splits.py) with the engine of `patching.engine`, checkpointed so a killed run resumes without
-redoing finished cells; attribution patching estimates the same cells on every discovery prompt and is
+redoing finished cells; attribution patching estimates the same cells on the first
+`patching.attribution_prompts` discovery prompts (null: every one; distinct pairs first) and is
 scored against the exact sweeps (Pearson r, top-10 overlap).
 """
 
@@ -161,11 +162,12 @@ def run(ctx) -> None:
         checkpoint.remove()
 
     approx = {}
+    n_ap = len(pairs_all) if pcfg.get("attribution_prompts") is None else max(n_exact, min(int(pcfg.attribution_prompts), len(pairs_all)))
     if pcfg.attribution_patching:
-        all_anchors = anchors_for(ctx, rows)
+        all_anchors = anchors_for(ctx, rows[:n_ap])
         started = time.perf_counter()
-        raw = attribution_patching.estimate(model, pairs_all, parts, bs, desc="attribution patching")
-        log.info("attribution patching: %s on %d prompts in %.1f s", ", ".join(parts), len(pairs_all), time.perf_counter() - started)
+        raw = attribution_patching.estimate(model, pairs_all.head(n_ap), parts, bs, desc="attribution patching")
+        log.info("attribution patching: %s on %d prompts in %.1f s", ", ".join(parts), n_ap, time.perf_counter() - started)
         approx = {p: all_anchors.effect(v) for p, v in raw.items()}
         write_tensors(ctx.tensors / "attrpatch.safetensors", {p: v for p, v in approx.items()},
                       metadata={"axes": "[layer, role-or-head, prompt] over all prompts", "values": "estimated effect, metric units",
@@ -180,8 +182,8 @@ def run(ctx) -> None:
             tables.append(long_table(sweep, part, exact[part], labels, axis, features[:n_exact] if features else None, n_boot, seed,
                                      n_perm, alpha, units_of(dataset, n_exact), anchors.gap))
             if approx:
-                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features, n_boot, seed, n_perm, alpha,
-                                            units_of(dataset), all_anchors.gap))
+                ap_tables.append(long_table(sweep, part, approx[part], labels, axis, features[:n_ap] if features else None,
+                                            n_boot, seed, n_perm, alpha, units_of(dataset, n_ap), all_anchors.gap))
                 # Agreement on the prompts both ran on.
                 ap_sub = anchors.effect(raw[part][..., :n_exact]).nanmean(-1).flatten().numpy()
                 ex = exact[part].nanmean(-1).flatten().numpy()
@@ -193,7 +195,7 @@ def run(ctx) -> None:
         if approx:
             ap_tables = split_fdr(ap_tables, alpha)
             write_table(ctx.tables / f"attrpatch_{sweep}.csv", pd.concat(ap_tables, ignore_index=True))
-            write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, len(pairs_all))
+            write_side_by_side(ctx, model, pairs, sweep, tables, ap_tables, n_ap)
     if agreement:
         table = pd.DataFrame(agreement).drop_duplicates(["part"])
         write_table(ctx.tables / "attrpatch_agreement.csv", table)

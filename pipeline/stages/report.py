@@ -48,6 +48,11 @@ CAPTIONS = {
                              "with 95% intervals: red bars are more likely after AAE, blue bars after SAE. Grey: "
                              "the 95% band of the same mean when the guises of random pairs are swapped (no dialect "
                              "effect); * marks attributes significant after Benjamini-Hochberg.",
+    "power_forest": "The AAE - SAE score of the run's metric per dialect feature (the pooled score at the bottom), on the "
+                    "discovery side (green) and the held-out side (purple) of the split, each with its 95% pair-bootstrap "
+                    "interval; the grey bar is the 95% band of the same score when the guises of random pairs are swapped "
+                    "(no dialect effect). Hover a point for its pairs, the per-pair spread, the smallest detectable score "
+                    "and the pairs it would take to detect this score.",
     "baseline_metric": "One point per prompt: the metric in the clean and the corrupted run, by dialect "
                        "feature; the gap between the two is what the dialect changes, and what patching restores.",
     "stereotype_agreement": "Left: how well the model's ranking of attributes by AAE association picks out the traits "
@@ -99,6 +104,9 @@ CAPTIONS = {
                         "what two random circuits of the same size share. Right: each circuit's faithfulness on each "
                         "feature's held-out prompts (1 = the full model, 0 = every edge corrupted), the random row "
                         "being random circuits of the same size.",
+    "circuit_mib": "Faithfulness at MIB's ten edge fractions, the circuits pruned to the edges on input-to-logits paths, "
+                   "under each ablation (colour); CPR and CMD in the legend are MIB's trapezoids over the linear fraction "
+                   "(the x axis is drawn on a log scale); bands are 95% pair-bootstrap intervals.",
     "circuit_edge_agreement": "Each edge's score (EAP, EAP-IG) against the exact effect of corrupting that one edge: "
                               "points on the diagonal mean the cheap score can be trusted for that edge.",
     "intervention_dose_response": "Top: the held-out score left after removing the top components found on discovery "
@@ -130,9 +138,10 @@ FIGURE_GROUPS = [
 PAGE_ORDER = ["Attribution", "Attention", "Activation patching", "Attribution patching", "Other figures"]
 
 # Figures shown in the dataset and baseline sections rather than among the others.
-SHOWN_EARLIER = {"attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
+SHOWN_EARLIER = {"power_forest", "attribute_association", "baseline_metric", "stereotype_agreement", "intervention_dose_response"}
 # Figures shown in the circuit section.
-CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_features", "circuit_edge_agreement", "path_patching")
+CIRCUIT_FIGURES = ("circuit_faithfulness", "circuit_graph", "circuit_features", "circuit_edge_agreement", "path_patching",
+                   "circuit_mib")
 
 # Frame size for a figure page whose size cannot be read from it (circuitsvis, autosized plotly):
 # circuitsvis widgets grow downwards as one hovers, so the frame is tall.
@@ -366,13 +375,38 @@ def headline_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]
         scores = pd.read_csv(path)
         labels = {"one_token": "one-token attributes (the mechanistic stages' metric)",
                   "chain_rule": "every rated attribute (chain rule)"}
-        versions = [[labels.get(r.score, r.score), int(r.n_attributes), float(r.score_value), f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
+        versions = [[labels.get(r.score, r.score), int(r.n_attributes), int(r.n_pairs), float(r.score_value), f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
                      f"[{r.null_low:+.3f}, {r.null_high:+.3f}]", float(r.p_perm), float(r.sd_per_pair)] for r in scores.itertuples()]
         if "pair_pearson_r" in scores:
             agreement = {"r": float(scores.pair_pearson_r.iloc[0]), "sign": float(scores.pair_sign_agreement.iloc[0])}
     data = {"name": name, "metric": metric, "metric_text": METRIC_TEXT.get(metric, ""), "row": row, "pairs_needed": needed,
             "versions": versions, "agreement": agreement, "rated": metric in ("favorability", "prestige")}
     return [Section("headline", "Headline: " + name, "report/headline.html.j2", data, nav="Headline")]
+
+
+def power_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """The score per dialect feature on each side of the split, and whether the held-out side can
+    see the discovery side's score (pipeline/power.py): the first thing on the page."""
+    path = run_dir / "tables" / "power.csv"
+    if not path.exists():
+        return []
+    table = pd.read_csv(path, dtype={"side": str, "feature": str})
+    summary = read_json(run_dir / "tables" / "power.json") if (run_dir / "tables" / "power.json").exists() else {}
+    names = {"discovery": "discovery", "heldout": "held-out", "all": "every prompt"}
+
+    def finite(v, text="{}"):  # a pair count of one has no spread: "-"
+        return text.format(v) if is_number(v) and np.isfinite(v) else "-"
+
+    rows = [[names.get(r.side, r.side), "all features" if r.feature == "all" else r.feature, int(r.n_pairs), int(r.n_prompts),
+             float(r.score), finite(r.ci_low, "[{:+.3f}") + finite(r.ci_high, ", {:+.3f}]"),
+             f"[{r.null_low:+.3f}, {r.null_high:+.3f}]", float(r.p_perm), finite(r.sd_per_pair, "{:.3f}"),
+             finite(r.detectable, "{:.3f}"), finite(r.pairs_needed, "{:,.0f}")]
+            for r in table.itertuples()]
+    fig = run_dir / "figures" / "power_forest.html"
+    data = {"sentence": summary if summary.get("sentence") else {}, "carriers": summary.get("features_carry", []),
+            "against": summary.get("features_against", []), "rows": rows,
+            "figure": figure(fig) if fig.exists() else None, "has_split": "heldout" in set(table.side)}
+    return [Section("power", "Where the score is, and what the pairs can see", "report/power.html.j2", data, nav="Power")]
 
 
 def stereotypes_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
@@ -451,8 +485,38 @@ def circuit_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
     data = {"s": summary, "main": main, "main_curve": curves[main], "random": curves.get("random"), "rows": rows,
             "agreement": agreement, "gap": summary.get("empty_vs_corrupted", {}), **circuit_extras(run_dir),
             "figures": [figure(run_dir / "figures" / f"{stem}.html") for stem in CIRCUIT_FIGURES
-                        if (run_dir / "figures" / f"{stem}.html").exists()]}
+                        if stem != "circuit_mib" and (run_dir / "figures" / f"{stem}.html").exists()]}  # MIB's has its section
     return [Section("circuit", "Circuit", "report/circuit.html.j2", data)]
+
+
+def mib_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
+    """MIB's yardstick (tables/circuit_mib.json, pipeline/circuit/benchmark.py): CPR and CMD per
+    ablation and prompt side beside random circuits, faithfulness at the ten fractions, the
+    overlap of the top edges found under each ablation, and the exported files."""
+    path = run_dir / "tables" / "circuit_mib.json"
+    if not path.exists():
+        return []
+    s = read_json(path)
+    ci = lambda lo_hi: f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"  # noqa: E731
+    curves = [r for r in s["results"] if "cpr" in r]
+    areas = [[r["ablation"], r["prompts"], r["n_prompts"], r["circuit"], r["cpr"], ci(r["cpr_ci"]), r["cmd"], ci(r["cmd_ci"])]
+             for r in curves]
+    table = pd.read_csv(run_dir / "tables" / "circuit_mib.csv")
+    points = []
+    for (ablation, prompts, circuit), t in table.groupby(["ablation", "prompts", "circuit"], sort=False):
+        points.append([ablation, prompts, circuit, *(f"{r.faithfulness:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" for r in t.itertuples())])
+    quoted = [[r["ablation"], r["prompts"], r["circuit"], r["edges"], r["faithfulness"], ci(r["ci"])]
+              for r in s["results"] if "cpr" not in r]
+    overlap = [[r["ablation_a"], r["ablation_b"], f"{100 * r['fraction']:.3g}%", r["top_k"], r["shared"], ci((r["ci_low"], r["ci_high"])),
+                r["random_expected"]] for r in s.get("overlap", [])]
+    summary_path = run_dir / "tables" / "circuit_summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    files = sorted(p.name for p in (run_dir / "circuits").glob("*.json")) if (run_dir / "circuits").is_dir() else []
+    data = {"s": s, "areas": areas, "points": points, "fractions": [f"{100 * f:g}%" for f in s["fractions"]],
+            "quoted": quoted, "overlap": overlap, "files": files, "loaded": summary.get("loaded"),
+            "grouped": "key/value heads" in summary.get("graph", ""),
+            "figures": [figure(run_dir / "figures" / "circuit_mib.html")] if (run_dir / "figures" / "circuit_mib.html").exists() else []}
+    return [Section("circuit-mib", "Circuit on MIB's yardstick", "report/circuit_mib.html.j2", data, nav="MIB")]
 
 
 def circuit_extras(run_dir: Path) -> dict:
@@ -574,8 +638,8 @@ def nulls_section(run_dir: Path, manifest: dict | None, cfg) -> list[Section]:
 
 
 # The page's sections in order; each returns [] when the run holds nothing for it.
-SECTIONS = [headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
-            figure_sections, circuit_section, intervene_section, files_section]
+SECTIONS = [power_section, headline_section, run_section, dataset_section, stereotypes_section, baseline_section, nulls_section,
+            figure_sections, circuit_section, mib_section, intervene_section, files_section]
 
 
 # ---------------------------------------------------------------- the page
