@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 from pipeline.artifacts import read_json, write_figure, write_json, write_table, write_tensors
 from pipeline.circuit import edges
 from pipeline.circuit.faithfulness import random_circuits, top_circuits
-from pipeline.circuit.overlap import overlaps
+from pipeline.circuit.overlap import shifted_interval, overlaps
 from pipeline.stats import bootstrap_counts
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,15 @@ def faithfulness_interval(m_circuit: torch.Tensor, m_full: torch.Tensor, m_empty
     return float((point[0] - point[2]) / (point[1] - point[2])), float(low), float(high), np.where(np.isfinite(boot), boot, np.nan)
 
 
-def mean_interval(point: list[float], boot: list[np.ndarray]) -> dict:
-    """The mean of several estimates and its 95% interval from their resamples (one row each)."""
+def mean_interval(point: list[float], boot: list[np.ndarray], shifted: bool = False) -> dict:
+    """The mean of several estimates and its 95% interval from their resamples (one row each):
+    percentile, or with `shifted` shifted by the bootstrap's bias estimate (pipeline/circuit/overlap.py)."""
     if not point:
         return {"mean": None, "ci_low": None, "ci_high": None}
     means = np.nanmean(np.vstack(boot), axis=0)
-    low, high = np.nanpercentile(means, [2.5, 97.5])
-    return {"mean": float(np.mean(point)), "ci_low": float(low), "ci_high": float(high)}
+    mean = float(np.mean(point))
+    low, high = shifted_interval(mean, means) if shifted else np.nanpercentile(means, [2.5, 97.5])
+    return {"mean": mean, "ci_low": float(low), "ci_high": float(high)}
 
 
 def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: list | None) -> None:
@@ -156,7 +158,7 @@ def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: l
     summary = {"method": method, "metric": metric, "features": names, "score_prompts": {f: len(r) for f, r in chosen.items()},
                "heldout_prompts": n_held, "fraction": float(c.fraction), "edges": k, "n_edges": graph.n_edges,
                "random_draws": int(c.random_draws), "pooled": POOLED in compared,
-               "overlap_between_features": mean_interval(list(overlap.overlap[between]), list(boot_overlap[between])),
+               "overlap_between_features": mean_interval(list(overlap.overlap[between]), list(boot_overlap[between]), shifted=True),
                **{k_: float(v) for k_, v in null.items()},
                "seconds": {"scores": round(seconds_scores, 1), "evaluation": round(seconds_eval, 1)}}
     if len(transfer):
@@ -167,8 +169,9 @@ def run(ctx, graph, metric: str, pooled: dict[str, torch.Tensor], score_units: l
             summary[f"faithfulness_{key}"] = mean_interval(
                 list(chosen_rows.faithfulness), [boot_transfer[(r.circuit, r.prompts)] for r in chosen_rows.itertuples()])
     write_json(ctx.tables / "circuit_features.json", summary)
-    title = (f"One circuit or one per feature? {method.upper().replace('_', '-')} scores on {min(map(len, chosen.values()))}-"
-             f"{max(map(len, chosen.values()))} discovery prompts per feature; circuits of {k} edges ({100 * float(c.fraction):.2g}%)")
+    low, high = min(map(len, chosen.values())), max(map(len, chosen.values()))
+    title = (f"One circuit or one per feature? {method.upper().replace('_', '-')} scores on {low if low == high else f'{low}-{high}'} "
+             f"discovery prompts per feature; circuits of {k} edges ({100 * float(c.fraction):.2g}%)")
     write_figure(ctx.figures / "circuit_features.html", matrix_figure(overlap, transfer, k, null, title))
 
 

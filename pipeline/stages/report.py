@@ -525,8 +525,8 @@ def circuit_extras(run_dir: Path) -> dict:
 
     path = run_dir / "tables" / "circuit_paths.csv"
     paths = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    rows = [[r.path, r.share, f"[{r.ci_low:.3g}, {r.ci_high:.3g}]", f"{r.in_drawn_circuit}/{r.edges}", r.weakest_abs_score,
-             r.sum_of_scores] for r in paths.itertuples()]
+    rows = [[r.path, f"{100 * r.share:.2g}%", f"[{100 * r.ci_low:.2g}%, {100 * r.ci_high:.2g}%]", f"{r.in_drawn_circuit}/{r.edges}",
+             f"{r.weakest_abs_score:.3g}", f"{r.sum_of_scores:+.3g}"] for r in paths.itertuples()]
     return {"paths": rows if path.exists() else None, "features": section_data(run_dir)}
 
 
