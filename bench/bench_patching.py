@@ -11,9 +11,10 @@ and their ratio, the largest absolute difference of the per-prompt metric values
 peak resident memory (VmHWM, reset before each run).
 
 On a shared machine compare the CPU ratio, on one thread (`OMP_NUM_THREADS=1`): the two engines run
-one after the other, so other users' load can land on either and swing the wall ratio by 2x between
-runs of the same work (head_out, 4 prompts, one thread: wall ratios from 7.6x to 16.1x on runs whose
-CPU ratios were 8.8x to 9.5x), and a drop such as 9.4x -> 6.1x can be load, not code.
+one after the other, so other users' load can land on either and swing the wall ratio several-fold between
+runs of the same work (head_out, 4 prompts, one thread, same code: wall ratios 21.9x and 82.7x
+where the CPU ratios were 9.7x and 8.3x; 7.6x to 16.1x in other runs), so a drop such as 9.4x -> 6.1x
+can be load, not code.
 """
 
 from __future__ import annotations
