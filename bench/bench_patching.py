@@ -6,8 +6,15 @@ the same prompts (equal-length, unpadded, so TransformerLens's functions apply),
     python bench/bench_patching.py --against resume   # against the engine's own fallback (resume the
                                                       # bridge's blocks at every position), not TransformerLens
 
-Prints per sweep: both wall times, the ratio, the largest absolute difference of the per-prompt
-logit differences, and each engine's peak resident memory (VmHWM, reset before each run).
+Prints per sweep: both wall times and their ratio, both CPU times (this process's, `time.process_time`)
+and their ratio, the largest absolute difference of the per-prompt metric values, and each engine's
+peak resident memory (VmHWM, reset before each run).
+
+On a shared machine compare the CPU ratio, on one thread (`OMP_NUM_THREADS=1`): the two engines run
+one after the other, so other users' load can land on either and swing the wall ratio several-fold between
+runs of the same work (head_out, 4 prompts, one thread, same code: wall ratios 21.9x and 82.7x
+where the CPU ratios were 9.7x and 8.3x; 7.6x to 16.1x in other runs), so a drop such as 9.4x -> 6.1x
+can be load, not code.
 """
 
 from __future__ import annotations
@@ -67,9 +74,10 @@ def main() -> None:
           f"{pairs.clean.tokens.shape[1]} tokens; {torch.get_num_threads()} threads")
     _, clean_cache = model.run_with_cache(pairs.clean.tokens)
     metric = lambda logits: pairs.answers.values(logits[:, -1].float())  # noqa: E731
-    total_tl = total_ours = 0.0
+    total_tl = total_ours = cpu_tl_total = cpu_ours_total = 0.0
     ref = "TL" if args.against == "transformer_lens" else "prev"
-    print(f"{'sweep':<11}{ref + ' s':>9}{'ours s':>9}{'ratio':>8}{'max |diff|':>12}{ref + ' peak MB':>14}{'ours peak MB':>14}")
+    print(f"{'sweep':<11}{ref + ' s':>9}{'ours s':>9}{'ratio':>8}{ref + ' cpu':>9}{'ours cpu':>9}{'cpu ratio':>10}"
+          f"{'max |diff|':>12}{ref + ' peak MB':>14}{'ours peak MB':>14}")
     def ours(sweep):
         mine = {}
         for part in SWEEPS[sweep]:
@@ -82,7 +90,7 @@ def main() -> None:
         print("reference: this engine resuming the bridge's blocks at every position (kv_forward off)")
     for sweep in args.sweeps:
         reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.against == "resume":
             supported, kv_forward.supported = kv_forward.supported, lambda model: False
             try:
@@ -92,11 +100,11 @@ def main() -> None:
             reference = [previous[part] for part in SWEEPS[sweep]]
         else:
             reference = TL[sweep](model, pairs.corrupted.tokens, clean_cache, metric)
-        t_tl, peak_tl = time.perf_counter() - t0, peak_mb()
+        t_tl, cpu_tl, peak_tl = time.perf_counter() - t0, time.process_time() - c0, peak_mb()
         reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         mine = ours(sweep)
-        t_ours, peak_ours = time.perf_counter() - t0, peak_mb()
+        t_ours, cpu_ours, peak_ours = time.perf_counter() - t0, time.process_time() - c0, peak_mb()
         diff = 0.0
         for part, tl in zip(SWEEPS[sweep], reference):
             tl = (tl if isinstance(tl, torch.Tensor) else tl.values).float()
@@ -105,8 +113,11 @@ def main() -> None:
             tl = tl[:, : mine[part].shape[1]]  # TransformerLens pads key/value heads up to n_heads
             diff = max(diff, float((mine[part] - tl).abs().nan_to_num().max()))
         total_tl, total_ours = total_tl + t_tl, total_ours + t_ours
-        print(f"{sweep:<11}{t_tl:>9.1f}{t_ours:>9.1f}{t_tl / t_ours:>7.1f}x{diff:>12.2e}{peak_tl:>14.0f}{peak_ours:>14.0f}")
-    print(f"{'all':<11}{total_tl:>9.1f}{total_ours:>9.1f}{total_tl / total_ours:>7.1f}x")
+        cpu_tl_total, cpu_ours_total = cpu_tl_total + cpu_tl, cpu_ours_total + cpu_ours
+        print(f"{sweep:<11}{t_tl:>9.1f}{t_ours:>9.1f}{t_tl / t_ours:>7.1f}x{cpu_tl:>9.1f}{cpu_ours:>9.1f}{cpu_tl / cpu_ours:>9.1f}x"
+              f"{diff:>12.2e}{peak_tl:>14.0f}{peak_ours:>14.0f}")
+    print(f"{'all':<11}{total_tl:>9.1f}{total_ours:>9.1f}{total_tl / total_ours:>7.1f}x"
+          f"{cpu_tl_total:>9.1f}{cpu_ours_total:>9.1f}{cpu_tl_total / cpu_ours_total:>9.1f}x")
 
 
 if __name__ == "__main__":
