@@ -42,7 +42,7 @@ JOB_NAME = "__main__"
 # every artifact of a full run is listed here.
 MADE_BY = {
     "data": ("dataset", "attribute_association", "guise_logprobs", "guise_attribution", "stereotype_agreement",
-             "prejudice_score"),
+             "prejudice_score", "power"),
     "cache": ("metric", "baseline", "test_prompt"),
     "attribution": ("logit_lens", "layer_attribution", "head_attribution", "top_heads", "attribution", "attention_"),
     "patching": ("patch_", "attrpatch"),

@@ -134,7 +134,8 @@ def test_task_presets_pass_the_checks_and_fit_the_default_tokenizer(tiny_model):
 def test_user_pairs_with_the_conviction_task_run_every_stage(tmp_path):
     pairs = write(tmp_path, "habitual.txt", "".join(f"{p} be {v}\t{p}{s} usually {v}\n" for p, s in (("he", "'s"), ("they", "'re"))
                                                     for v in ("working", "cooking", "running")))
-    common = ["model=tiny", f"dataset.pairs={pairs}", "+task=conviction", "dataset.max_prompts=8", "patching.max_prompts=2",
+    common = ["model=tiny", f"dataset.pairs={pairs}", "+task=conviction", "dataset.templates_per_pair=2", "dataset.max_prompts=8",
+              "patching.max_prompts=2",
               "patching.sweeps=[resid_pre]", "attribution.bootstrap=50", "patching.bootstrap=50"]
     result = run_cli(common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
