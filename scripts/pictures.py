@@ -1,8 +1,9 @@
 """The README's and the docs' pictures of a real run, drawn by headless Chromium:
 
-    python scripts/pictures.py outputs/<date>/<time>      # a finished run of `dialect-circuits +experiment=quick`
+    python scripts/pictures.py outputs/<date>/<time>      # a finished run of `dialect-circuits`
 
-writes docs/assets/report-headline.png (the report's headline section) and
+writes docs/assets/report-headline.png (the section the report opens with: where the score is,
+per dialect feature, and what the pairs can see; the headline section for a run without it) and
 docs/assets/report-mechanism.png (the run's head-output patching figure). The run's own files are
 read as they are; the headline is cut out of report.html into a page beside it, screenshotted, and
 removed again.
@@ -33,10 +34,12 @@ def screenshot(page: Path, out: Path, width: int, height: int) -> None:
 
 
 def headline_page(run: Path) -> Path:
-    """The report's <head> and its headline section alone, as a page in the run directory."""
+    """The report's <head> and its first section (power, else headline) alone, as a page in the
+    run directory."""
     report = (run / "report.html").read_text()
     head = report[:report.index("<body>")]
-    section = re.search(r'<section id="headline">.*?</section>', report, re.S)
+    section = (re.search(r'<section id="power">.*?</section>', report, re.S)
+               or re.search(r'<section id="headline">.*?</section>', report, re.S))
     if not section:
         raise SystemExit(f"pictures.py: {run}/report.html has no headline section (did the cache stage run?)")
     page = run / ".headline-picture.html"
@@ -51,7 +54,7 @@ def main() -> None:
     ASSETS.mkdir(parents=True, exist_ok=True)
     page = headline_page(run)
     try:
-        screenshot(page, ASSETS / "report-headline.png", 1100, 760)
+        screenshot(page, ASSETS / "report-headline.png", 1100, 900)
     finally:
         page.unlink()
     screenshot(run / "figures" / "patch_head_out.html", ASSETS / "report-mechanism.png", 1100, 470)
